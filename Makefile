@@ -1,0 +1,33 @@
+# Two entry points for newcomers: `make demo` and `make test`.
+# Each creates .venv at the repository root when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+TEST_STAMP := $(VENV)/.test-installed
+
+.PHONY: demo test bench install install-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(RUNTIME_STAMP): requirements.txt | $(PY)
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+$(TEST_STAMP): requirements.txt requirements-test.txt $(RUNTIME_STAMP)
+	$(PY) -m pip install -r requirements-test.txt
+	touch $@
+
+install: $(RUNTIME_STAMP)
+install-test: $(TEST_STAMP)
+
+demo: $(RUNTIME_STAMP)
+	$(PY) sample.py -c configs/inference/pixart-digits.yaml
+
+test: $(TEST_STAMP)
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

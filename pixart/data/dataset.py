@@ -1,0 +1,359 @@
+"""The finetuning dataset: a label JSON of images and captions, bucketed by aspect ratio.
+
+The label file is a JSON list of records::
+
+    {"path": "cats/001.jpg", "prompt": "a cat", "sharegpt4v": "A long caption ...",
+     "height": 768, "width": 512, "ratio": 1.5}
+
+``path`` is relative to the image folder; ``sharegpt4v`` is optional. ``height``,
+``width`` and ``ratio`` are informative only: the image file itself is opened at load
+time and its real size (after EXIF orientation) decides the bucket, so a wrong label can
+never make the crop fail.
+
+Records that cannot be trained on are skipped with a warning and counted by reason:
+
+* ``malformed record``: not an object, no string ``path``, or a caption that is not a string;
+* ``missing file``: no file at ``image_dir/path``;
+* ``unreadable image``: PIL cannot open it or, with ``verify_images``, fully decode it
+  (truncated or corrupt data);
+* ``ratio out of range``: height/width outside [r_min / 1.125, r_max * 1.125], where
+  r_min..r_max is the bucket table's range (0.25..4.0 for every official table, giving
+  [0.222, 4.5]; the 4.5 cap is the official loader's). Beyond it the crop to the extreme
+  bucket would throw away more than 1/9 of the long side on top of the bucket's own shape;
+* ``empty caption``: both ``prompt`` and ``sharegpt4v`` are empty or whitespace;
+* ``missing cache entry``: (feature-cache mode only) no cache file for the record.
+
+A summary of the counts is logged at start; if nothing is left a :class:`DatasetError`
+says why.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps
+
+from .buckets import DEFAULT_DIVISOR, BucketTable, Size, bucket_table, nearest_bucket, ratio_range, \
+    resize_and_center_crop
+from .cache import cache_path, read_cache_entry
+from .sampler import BucketBatchSampler
+
+logger = logging.getLogger(__name__)
+
+CAPTION_FIELDS = ("prompt", "sharegpt4v")
+# How far past the table's extreme ratios an image may be and still be cropped to them.
+RATIO_OVERSHOOT = 1.125
+# Per-record warnings shown per skip reason; the rest only count towards the summary.
+_WARNINGS_PER_REASON = 10
+# EXIF orientations that rotate by 90 degrees and so swap width and height.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+class DatasetError(ValueError):
+    """A label file or image folder that cannot give a training set."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One usable label record.
+
+    Attributes:
+        path: image path as written in the label file (also the cache key).
+        file: the image's full path.
+        captions: caption field -> stripped text ("" when absent).
+        height, width: the image's size after EXIF orientation.
+        bucket: ratio key of the bucket it trains in.
+        size: (height, width) it is resized and cropped to.
+    """
+    path: str
+    file: str
+    captions: Dict[str, str]
+    height: int
+    width: int
+    bucket: str
+    size: Size
+
+
+@dataclasses.dataclass
+class LoadSummary:
+    """What :func:`load_records` kept and skipped, for the start-of-training report."""
+    total: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    label_size_mismatch: int = 0
+    bucket_counts: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def kept(self) -> int:
+        return self.total - sum(self.skipped.values())
+
+    def __str__(self) -> str:
+        lines = [f"{self.kept} of {self.total} records usable"]
+        lines += [f"  skipped, {reason}: {n}" for reason, n in sorted(self.skipped.items())]
+        if self.label_size_mismatch:
+            lines.append(f"  label height/width disagreeing with the image file (file size used): "
+                         f"{self.label_size_mismatch}")
+        if self.bucket_counts:
+            lines.append("  images per bucket (ratio: count): " +
+                         ", ".join(f"{k}: {n}" for k, n in self.bucket_counts.items()))
+        return "\n".join(lines)
+
+
+def load_records(json_path: str, image_dir: str, table: BucketTable, fixed_size: Optional[Size] = None,
+                 verify_images: bool = True, cache_dir: Optional[str] = None) -> Tuple[List[Record], LoadSummary]:
+    """Read and validate the label file.
+
+    Args:
+        json_path: the label JSON (a list of records).
+        image_dir: folder the records' paths are relative to.
+        table: bucket table; assigns buckets and bounds the accepted ratios.
+        fixed_size: train every image at this (h, w) instead of its bucket's size.
+        verify_images: fully decode every image now (catches truncated files; costs one
+            decode per image); False only reads the headers.
+        cache_dir: feature-cache folder; records without an entry there are skipped.
+    Returns:
+        (usable records in label-file order, summary). Raises DatasetError if none is usable.
+    """
+    entries = _read_label_file(json_path)
+    r_min, r_max = ratio_range(table)
+    lo, hi = r_min / RATIO_OVERSHOOT, r_max * RATIO_OVERSHOOT
+    summary = LoadSummary(total=len(entries))
+    records = []
+
+    def skip(reason: str, where: str, why: str) -> None:
+        summary.skipped[reason] += 1
+        if summary.skipped[reason] <= _WARNINGS_PER_REASON:
+            logger.warning("skipping %s: %s%s", where, why,
+                           "" if summary.skipped[reason] < _WARNINGS_PER_REASON
+                           else f" (further '{reason}' records are only counted)")
+
+    for i, item in enumerate(entries):
+        where = f"{json_path} record {i}"
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"]:
+            skip("malformed record", where, "expected an object with a non-empty string 'path'")
+            continue
+        where += f" ({item['path']})"
+        captions = {field: item.get(field) or "" for field in CAPTION_FIELDS}
+        if not all(isinstance(text, str) for text in captions.values()):
+            skip("malformed record", where, f"captions {list(CAPTION_FIELDS)} must be strings")
+            continue
+        captions = {field: text.strip() for field, text in captions.items()}
+        if not any(captions.values()):
+            skip("empty caption", where, "both 'prompt' and 'sharegpt4v' are empty")
+            continue
+        file = os.path.join(image_dir, item["path"])
+        if not os.path.isfile(file):
+            skip("missing file", where, f"no file {file}")
+            continue
+        try:
+            height, width = image_size(file, decode=verify_images)
+        except Exception as e:  # any failure to decode makes the image unusable, whatever PIL raises
+            skip("unreadable image", where, f"{type(e).__name__}: {e}")
+            continue
+        if not lo <= height / width <= hi:
+            skip("ratio out of range", where,
+                 f"height/width {height}/{width} = {height / width:.3f} is outside [{lo:.3f}, {hi:.3f}]")
+            continue
+        bucket, size = _fixed_bucket(fixed_size) if fixed_size else nearest_bucket(height, width, table)
+        entry = None if cache_dir is None else cache_path(cache_dir, item["path"], size)
+        if entry is not None and not os.path.isfile(entry):
+            skip("missing cache entry", where, f"no {entry}")
+            continue
+        if _label_disagrees(item, height, width):
+            summary.label_size_mismatch += 1
+        records.append(Record(item["path"], file, captions, height, width, bucket, size))
+
+    counts = collections.Counter(r.bucket for r in records)
+    summary.bucket_counts = {k: counts[k] for k in sorted(counts, key=float)}
+    if not records:
+        raise DatasetError(f"no usable record in {json_path} (images under {image_dir}):\n{summary}")
+    logger.log(logging.WARNING if summary.skipped else logging.INFO, "dataset %s:\n%s", json_path, summary)
+    return records, summary
+
+
+def _read_label_file(json_path: str) -> list:
+    if not os.path.isfile(json_path):
+        raise DatasetError(f"label file {json_path} does not exist")
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            entries = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"label file {json_path} is not valid JSON: {e}") from None
+    if not isinstance(entries, list):
+        raise DatasetError(f"label file {json_path} must hold a JSON list of records, "
+                           f"got {type(entries).__name__}")
+    if not entries:
+        raise DatasetError(f"label file {json_path} holds no records")
+    return entries
+
+
+def _fixed_bucket(size: Size) -> Tuple[str, Size]:
+    return str(round(size[0] / size[1], 2)), size
+
+
+def _label_disagrees(item: dict, height: int, width: int) -> bool:
+    h, w = item.get("height"), item.get("width")
+    if not (isinstance(h, (int, float)) and isinstance(w, (int, float)) and h > 0 and w > 0):
+        return False
+    return abs(h / w - height / width) > 0.01 * (height / width)
+
+
+def image_size(file: str, decode: bool = True) -> Size:
+    """(height, width) of an image file as it will be trained, i.e. after EXIF orientation.
+
+    With ``decode`` the whole image is decoded, so truncated or corrupt data raises here
+    rather than in the middle of training.
+    """
+    with Image.open(file) as im:
+        width, height = im.size
+        if decode:
+            im.load()
+        if im.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS:
+            height, width = width, height
+    if height <= 0 or width <= 0:
+        raise ValueError(f"empty image ({width}x{height})")
+    return height, width
+
+
+def load_image(file: str, size: Size, resample: int = Image.BICUBIC) -> np.ndarray:
+    """An image file as a float32 (3, height, width) array in [-1, 1], covering ``size``.
+
+    EXIF orientation is applied; transparent pixels are composited onto white (plain RGB
+    conversion would expose whatever colour hides under alpha 0). Then the image is
+    resized to cover ``size`` and center cropped.
+    """
+    with Image.open(file) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+            im = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+        im = resize_and_center_crop(im.convert("RGB"), size[0], size[1], resample)
+        pixels = np.asarray(im, dtype=np.float32)
+    return (pixels / 127.5 - 1.0).transpose(2, 0, 1)
+
+
+class TrainDataset:
+    """Validated records with per-sample loading and caption choice.
+
+    Args:
+        json_path, image_dir: the label file and the folder its paths are relative to.
+        image_size: base resolution in pixels (512 for the 512-MS model).
+        multi_scale: train each image at its aspect-ratio bucket's size; False trains all
+            at image_size x image_size.
+        real_prompt_ratio: probability of training a sample on ``prompt`` rather than
+            ``sharegpt4v`` (when the chosen one is empty, the other is used).
+        seed: seeds the caption choice, which depends only on (seed, epoch, index).
+        divisor: VAE factor x patch size, for bucket tables of non-official base sizes.
+        cache_dir: if set, samples are read from the feature cache instead of images.
+        verify_images: fully decode every image at start (see :func:`load_records`).
+    """
+
+    def __init__(self, json_path: str, image_dir: str, image_size: int, *, multi_scale: bool = True,
+                 real_prompt_ratio: float = 0.5, seed: int = 0, divisor: int = DEFAULT_DIVISOR,
+                 cache_dir: Optional[str] = None, verify_images: bool = True):
+        if not 0.0 <= real_prompt_ratio <= 1.0:
+            raise ValueError(f"real_prompt_ratio must be in [0, 1], got {real_prompt_ratio}")
+        if not os.path.isdir(image_dir):
+            raise DatasetError(f"image folder {image_dir} does not exist")
+        if cache_dir is not None and not os.path.isdir(cache_dir):
+            raise DatasetError(f"feature cache folder {cache_dir} does not exist")
+        self.table = bucket_table(image_size, divisor=divisor)
+        self.real_prompt_ratio = real_prompt_ratio
+        self.seed = seed
+        self.cache_dir = cache_dir
+        # The official loader switches to Lanczos for its 2K and larger tables.
+        self.resample = Image.LANCZOS if image_size >= 2048 else Image.BICUBIC
+        fixed = None if multi_scale else (image_size, image_size)
+        self.records, self.summary = load_records(json_path, image_dir, self.table, fixed,
+                                                  verify_images=verify_images, cache_dir=cache_dir)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def bucket_keys(self) -> List[str]:
+        """Bucket key of every index, for :class:`BucketBatchSampler`."""
+        return [r.bucket for r in self.records]
+
+    def choose_caption(self, index: int, epoch: int) -> Tuple[str, str]:
+        """(field, text) of the caption sample ``index`` trains on in ``epoch``."""
+        captions = self.records[index].captions
+        rng = np.random.default_rng([self.seed, epoch, index])
+        first, second = CAPTION_FIELDS if rng.random() < self.real_prompt_ratio else CAPTION_FIELDS[::-1]
+        return (first, captions[first]) if captions[first] else (second, captions[second])
+
+    def load_image(self, index: int) -> np.ndarray:
+        """Float32 (3, H, W) pixels in [-1, 1] at the record's training size."""
+        record = self.records[index]
+        try:
+            return load_image(record.file, record.size, self.resample)
+        except Exception as e:  # the file changed since validation; name it instead of a bare trace
+            raise DatasetError(f"cannot load {record.file} (record '{record.path}'): "
+                               f"{type(e).__name__}: {e}") from e
+
+    def get(self, index: int, epoch: int) -> dict:
+        """One training sample.
+
+        Always: ``caption`` (str), ``img_hw`` float32 (2,) original height and width,
+        ``aspect_ratio`` float32 () the bucket's ratio (the micro-conditions of α 1024).
+        Image mode adds ``image`` float32 (3, H, W) in [-1, 1]. Cache mode adds instead
+        ``latent_mean``, ``latent_std`` float32 (C, H/f, W/f), ``caption_emb`` float32
+        (L, D) and ``caption_mask`` int32 (L,).
+        """
+        record = self.records[index]
+        field, text = self.choose_caption(index, epoch)
+        sample = {"caption": text,
+                  "img_hw": np.array([record.height, record.width], dtype=np.float32),
+                  "aspect_ratio": np.float32(record.bucket)}
+        if self.cache_dir is None:
+            sample["image"] = self.load_image(index)
+            return sample
+        path = cache_path(self.cache_dir, record.path, record.size)
+        entry = read_cache_entry(path)
+        if field not in entry.captions:
+            raise DatasetError(f"{path}: cache entry of '{record.path}' has no embedding for its "
+                               f"'{field}' caption; re-run the feature-caching tool")
+        emb, mask = entry.captions[field]
+        sample.update(latent_mean=entry.latent_mean.astype(np.float32),
+                      latent_std=entry.latent_std.astype(np.float32),
+                      caption_emb=emb.astype(np.float32), caption_mask=mask.astype(np.int32))
+        return sample
+
+
+def collate(samples: Sequence[dict]) -> dict:
+    """Stack samples of one bucket: arrays gain a leading batch axis, strings form a list."""
+    return {key: [s[key] for s in samples] if isinstance(samples[0][key], str)
+            else np.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def iterate_batches(dataset: TrainDataset, sampler: BucketBatchSampler, epoch: int, start_step: int = 0,
+                    num_threads: int = 0) -> Iterator[dict]:
+    """This rank's collated batches of ``epoch`` from ``start_step`` on.
+
+    With ``num_threads`` > 0, samples are loaded by a thread pool that keeps the next two
+    batches in flight while the current one trains (PIL decoding releases the GIL).
+    """
+    index_batches = sampler.batches(epoch, start_step)
+    if num_threads <= 0:
+        for indices in index_batches:
+            yield collate([dataset.get(i, epoch) for i in indices])
+        return
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        pending = collections.deque()
+
+        def submit_next() -> None:
+            indices = next(index_batches, None)
+            if indices is not None:
+                pending.append([pool.submit(dataset.get, i, epoch) for i in indices])
+
+        for _ in range(3):  # the batch to yield now plus two ahead
+            submit_next()
+        while pending:
+            samples = [future.result() for future in pending.popleft()]
+            submit_next()
+            yield collate(samples)

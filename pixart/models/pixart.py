@@ -1,0 +1,541 @@
+"""PixArt-α / PixArt-Σ diffusion transformer as MindSpore cells.
+
+A DiT whose blocks are conditioned on the timestep through adaLN-single (one shared
+``t_block`` projection plus a learned ``scale_shift_table`` per block) and on the text
+through cross-attention to T5 tokens. Parameter names equal the keys of the official
+``.pth`` checkpoints, so they load one to one.
+
+Shapes used throughout:
+    B  batch            C  latent channels (4)        H, W  latent height, width
+    p  patch size       h, w = H/p, W/p               N = h*w image tokens
+    D  hidden size      L  caption tokens (300 Σ, 120 α)  Ct caption channels (4096)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+MASK_BIAS = -10000.0  # what diffusers adds for padded caption tokens; exp() of it is 0 in fp32
+
+
+@dataclasses.dataclass
+class PixArtConfig:
+    """Architecture of a PixArt transformer. XL/2 defaults; see ``PRESETS`` for checkpoints."""
+    input_size: int = 128           # latent side the checkpoint was trained at (image side / 8)
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    caption_channels: int = 4096
+    model_max_length: int = 300     # T5 tokens: 300 for Σ, 120 for α
+    learn_sigma: bool = True        # 2C outputs: eps and the variance interpolation values
+    pe_interpolation: float = 1.0
+    base_size: Optional[int] = None  # position grid unit; input_size // patch_size when None
+    multi_scale: bool = True        # PixArtMS (any size) vs PixArt (input_size only)
+    micro_condition: bool = False   # size and aspect-ratio embeddings (PixArt-α 1024-MS)
+    kv_compress_layers: Sequence[int] = ()
+    kv_compress_ratio: int = 2
+    kv_compress_sampling: str = "conv"  # conv | ave | uniform
+    qk_norm: bool = False
+    class_dropout_prob: float = 0.1
+
+    def __post_init__(self):
+        self.kv_compress_layers = tuple(int(i) for i in self.kv_compress_layers)
+        if self.base_size is None:
+            self.base_size = self.input_size // self.patch_size
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.kv_compress_sampling not in ("conv", "ave", "uniform"):
+            raise ValueError(f"kv_compress_sampling must be conv, ave or uniform, not {self.kv_compress_sampling!r}")
+        if self.micro_condition and self.hidden_size % 3:
+            raise ValueError(f"micro-conditions need hidden_size divisible by 3, got {self.hidden_size}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["kv_compress_layers"] = list(self.kv_compress_layers)
+        if d["base_size"] == self.input_size // self.patch_size:
+            del d["base_size"]  # derived: follows input_size when that is overridden
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PixArtConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown PixArt config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+XL2 = dict(patch_size=2, hidden_size=1152, depth=28, num_heads=16)
+PRESETS = {
+    "PixArt-Sigma-XL-2-256x256": PixArtConfig(input_size=32, pe_interpolation=0.5, multi_scale=False, **XL2),
+    "PixArt-Sigma-XL-2-512-MS": PixArtConfig(input_size=64, pe_interpolation=1.0, **XL2),
+    "PixArt-Sigma-XL-2-1024-MS": PixArtConfig(input_size=128, pe_interpolation=2.0, **XL2),
+    "PixArt-Sigma-XL-2-2K-MS": PixArtConfig(input_size=256, pe_interpolation=4.0, **XL2),
+    "PixArt-Sigma-XL-2-2K-MS-KV-Compress": PixArtConfig(
+        input_size=256, pe_interpolation=4.0, kv_compress_layers=tuple(range(14, 28)), **XL2),
+    "PixArt-XL-2-512x512": PixArtConfig(input_size=64, pe_interpolation=1.0, model_max_length=120, **XL2),
+    "PixArt-XL-2-1024-MS": PixArtConfig(input_size=128, pe_interpolation=2.0, model_max_length=120,
+                                        micro_condition=True, **XL2),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Fixed embeddings (computed on the host: they depend on shapes only, which are static)
+# ----------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=32)
+def sincos_pos_embed_2d(dim: int, h: int, w: int, pe_interpolation: float, base_size: int) -> np.ndarray:
+    """2-D sin-cos position embedding of the official model, (h*w, dim) float32.
+
+    Grid coordinates are ``arange(n) / (n / base_size) / pe_interpolation`` in float32, so a
+    model trained at one resolution sees the same coordinate range at another. The first
+    half of the channels encodes the column (w) coordinate, the second the row (h); each
+    half is ``[sin, cos]`` of the coordinate times 10000^(-k/(dim/4)), computed in float64.
+    """
+    grid_h = np.arange(h, dtype=np.float32) / (h / base_size) / pe_interpolation
+    grid_w = np.arange(w, dtype=np.float32) / (w / base_size) / pe_interpolation
+    cols, rows = np.meshgrid(grid_w, grid_h)  # each (h, w)
+    omega = np.arange(dim // 4, dtype=np.float64) / (dim / 4.0)
+    omega = 1.0 / 10000 ** omega
+
+    def one_axis(pos):
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
+
+
+def timestep_frequencies(dim: int = 256, max_period: float = 10000.0) -> np.ndarray:
+    """Frequencies of the sinusoidal timestep embedding, (dim/2,) float32."""
+    half = dim // 2
+    return np.exp(-math.log(max_period) * np.arange(half, dtype=np.float32) / half).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------
+
+class Linear(nn.Cell):
+    """``y = x W^T + b`` with torch's parameter names and layout, (..., in) -> (..., out).
+
+    Weights stay in their storage dtype (fp32 masters for training); the matmul runs in
+    ``compute_dtype``, so one set of weights serves fp32, fp16 and bf16 execution.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype=ms.float32):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.zeros((out_features, in_features), np.float32)), name="weight")
+        self.bias = Parameter(Tensor(np.zeros((out_features,), np.float32)), name="bias") if bias else None
+        self.compute_dtype = compute_dtype
+
+    def construct(self, x):
+        w = self.weight
+        b = self.bias
+        if self.compute_dtype != ms.float32:
+            x = x.astype(self.compute_dtype)
+            w = w.astype(self.compute_dtype)
+            b = None if b is None else b.astype(self.compute_dtype)
+        return ops.dense(x, w, b)
+
+
+class ConvWeights(nn.Cell):
+    """Holds a conv's torch-named ``weight`` (out, in/groups, k, k) and ``bias`` (out,); the
+    cells using it compute the conv as a matmul or a weighted sum, which is exact for the
+    kernel = stride convolutions PixArt has."""
+
+    def __init__(self, weight: np.ndarray):
+        super().__init__()
+        self.weight = Parameter(Tensor(weight), name="weight")
+        self.bias = Parameter(Tensor(np.zeros((weight.shape[0],), np.float32)), name="bias")
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis, computed in fp32; ``affine`` adds torch-named weight/bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = False):
+        super().__init__()
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        if affine:
+            self.weight = Parameter(Tensor(np.ones((dim,), np.float32)), name="weight")
+            self.bias = Parameter(Tensor(np.zeros((dim,), np.float32)), name="bias")
+        else:
+            self.weight = Tensor(np.ones((dim,), np.float32))
+            self.bias = Tensor(np.zeros((dim,), np.float32))
+
+    def construct(self, x):
+        y, _, _ = self.norm(x.astype(ms.float32), self.weight, self.bias)
+        return y.astype(x.dtype)
+
+
+class Mlp(nn.Cell):
+    """fc1 -> tanh-GELU -> fc2, (..., in) -> (..., out)."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, compute_dtype=ms.float32):
+        super().__init__()
+        self.fc1 = Linear(in_features, hidden_features, compute_dtype=compute_dtype)
+        self.fc2 = Linear(hidden_features, out_features, compute_dtype=compute_dtype)
+
+    def construct(self, x):
+        return self.fc2(ops.gelu(self.fc1(x), approximate="tanh"))
+
+
+def _use_flash_attention(dtype) -> bool:
+    """The fused kernel exists on Ascend only, for half precision; everything else takes the math path."""
+    return ms.get_context("device_target") == "Ascend" and dtype in (ms.float16, ms.bfloat16)
+
+
+def attention(q, k, v, bias=None, flash: bool = False):
+    """Multi-head attention, softmax in fp32.
+
+    q: (B, heads, Nq, d); k, v: (B, heads, Nk, d); bias: None or additive, broadcastable to
+    (B, heads, Nq, Nk), 0 for kept and MASK_BIAS for dropped keys. Returns (B, heads, Nq, d).
+    """
+    head_dim = q.shape[-1]
+    if flash:
+        drop = None if bias is None else ops.broadcast_to(bias < 0, (q.shape[0], 1, q.shape[2], k.shape[2]))
+        return ops.flash_attention_score(q, k, v, q.shape[1], attn_mask=None if drop is None else drop.astype(ms.uint8),
+                                         scalar_value=head_dim ** -0.5, input_layout="BNSD")
+    scores = ops.matmul(q * (head_dim ** -0.5), k.swapaxes(-1, -2)).astype(ms.float32)
+    if bias is not None:
+        scores = scores + bias
+    probs = ops.softmax(scores, axis=-1).astype(v.dtype)
+    return ops.matmul(probs, v)
+
+
+class SelfAttention(nn.Cell):
+    """Self-attention over image tokens with optional qk-norm and KV token compression.
+
+    KV compression (PixArt-Σ 2K/4K) shrinks keys and values ``ratio``-fold along each axis
+    of the token grid before attention: ``conv`` with a depthwise conv (``sr``) and an affine
+    LayerNorm (``norm``), ``ave``/``uniform`` by taking every ``ratio``-th token (the
+    official ``ave`` is a nearest-neighbour resize, which selects the same tokens).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, kv_ratio: int = 1,
+                 kv_sampling: str = "conv", compute_dtype=ms.float32):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = Linear(dim, dim * 3, compute_dtype=compute_dtype)
+        self.proj = Linear(dim, dim, compute_dtype=compute_dtype)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = LayerNorm(dim, eps=1e-5, affine=True)
+            self.k_norm = LayerNorm(dim, eps=1e-5, affine=True)
+        self.kv_ratio = kv_ratio
+        self.kv_sampling = kv_sampling
+        if kv_ratio > 1 and kv_sampling == "conv":
+            # depthwise conv, kernel = stride = ratio, initialised to an average as officially
+            self.sr = ConvWeights(np.full((dim, 1, kv_ratio, kv_ratio), 1.0 / kv_ratio ** 2, np.float32))
+            self.norm = LayerNorm(dim, eps=1e-5, affine=True)
+        self.flash = _use_flash_attention(compute_dtype)
+
+    def _compress(self, t, h, w):
+        """(B, h*w, D) -> (B, (h/r)*(w/r), D)."""
+        r = self.kv_ratio
+        b, _, d = t.shape
+        grid = t.reshape(b, h // r, r, w // r, r, d)
+        if self.kv_sampling == "conv":
+            # depthwise conv with kernel = stride = r is a weighted sum inside each r×r cell
+            kernel = self.sr.weight.reshape(d, r, r).transpose(1, 2, 0).reshape(1, 1, r, 1, r, d)
+            t = (grid * kernel.astype(t.dtype)).sum(axis=(2, 4)) + self.sr.bias.astype(t.dtype)
+            return self.norm(t.reshape(b, -1, d))
+        return grid[:, :, 0, :, 0, :].reshape(b, -1, d)
+
+    def construct(self, x, h: int, w: int):
+        """x: (B, N, D) with N = h*w -> (B, N, D)."""
+        b, n, d = x.shape
+        heads = self.num_heads
+        q, k, v = ops.split(self.qkv(x), d, axis=-1)
+        if self.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        if self.kv_ratio > 1:
+            if h % self.kv_ratio or w % self.kv_ratio:
+                raise ValueError(f"KV compression ratio {self.kv_ratio} needs a token grid divisible by it, "
+                                 f"got {h}x{w}")
+            k = self._compress(k, h, w)
+            v = self._compress(v, h, w)
+        q = q.reshape(b, n, heads, -1).swapaxes(1, 2)
+        k = k.reshape(b, k.shape[1], heads, -1).swapaxes(1, 2)
+        v = v.reshape(b, v.shape[1], heads, -1).swapaxes(1, 2)
+        out = attention(q, k, v, flash=self.flash)
+        return self.proj(out.swapaxes(1, 2).reshape(b, n, d))
+
+
+class CrossAttention(nn.Cell):
+    """Image tokens attend to caption tokens: (B, N, D), (B, L, D), bias (B, 1, 1, L) -> (B, N, D)."""
+
+    def __init__(self, dim: int, num_heads: int, compute_dtype=ms.float32):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_linear = Linear(dim, dim, compute_dtype=compute_dtype)
+        self.kv_linear = Linear(dim, dim * 2, compute_dtype=compute_dtype)
+        self.proj = Linear(dim, dim, compute_dtype=compute_dtype)
+        self.flash = _use_flash_attention(compute_dtype)
+
+    def construct(self, x, y, bias):
+        b, n, d = x.shape
+        heads = self.num_heads
+        q = self.q_linear(x).reshape(b, n, heads, -1).swapaxes(1, 2)
+        k, v = ops.split(self.kv_linear(y), d, axis=-1)
+        k = k.reshape(b, -1, heads, d // heads).swapaxes(1, 2)
+        v = v.reshape(b, -1, heads, d // heads).swapaxes(1, 2)
+        out = attention(q, k, v, bias, flash=self.flash)
+        return self.proj(out.swapaxes(1, 2).reshape(b, n, d))
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation: x (B, N, D), shift/scale (B, 1, D)."""
+    return x * (1 + scale) + shift
+
+
+class PixArtBlock(nn.Cell):
+    """adaLN-single DiT block: self-attention, cross-attention (no gate), MLP.
+
+    ``scale_shift_table`` (6, D) plus the shared timestep projection gives shift, scale and
+    gate for the attention and the MLP branches.
+    """
+
+    def __init__(self, cfg: PixArtConfig, kv_ratio: int = 1, compute_dtype=ms.float32):
+        super().__init__()
+        dim = cfg.hidden_size
+        self.norm1 = LayerNorm(dim)
+        self.attn = SelfAttention(dim, cfg.num_heads, cfg.qk_norm, kv_ratio, cfg.kv_compress_sampling, compute_dtype)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, compute_dtype)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), dim, compute_dtype)
+        self.scale_shift_table = Parameter(Tensor(np.zeros((6, dim), np.float32)), name="scale_shift_table")
+
+    def construct(self, x, y, t6, y_bias, h: int, w: int):
+        """x (B, N, D), y (B, L, D), t6 (B, 6D), y_bias (B, 1, 1, L) -> (B, N, D)."""
+        b = x.shape[0]
+        mod = self.scale_shift_table.astype(x.dtype) + t6.reshape(b, 6, -1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(mod, 1, axis=1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), h, w)
+        x = x + self.cross_attn(x, y, y_bias)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class TimestepEmbedder(nn.Cell):
+    """Scalar -> 256 sinusoidal frequencies ``[cos, sin]`` -> Linear-SiLU-Linear: (M,) -> (M, out)."""
+
+    def __init__(self, out_dim: int, freq_dim: int = 256, compute_dtype=ms.float32):
+        super().__init__()
+        self.freqs = Tensor(timestep_frequencies(freq_dim))
+        self.mlp = nn.SequentialCell([Linear(freq_dim, out_dim, compute_dtype=compute_dtype), nn.SiLU(),
+                                      Linear(out_dim, out_dim, compute_dtype=compute_dtype)])
+
+    def construct(self, t):
+        return self.embed(t)
+
+    def embed(self, t):
+        args = t.astype(ms.float32)[:, None] * self.freqs[None]
+        return self.mlp(ops.concat([ops.cos(args), ops.sin(args)], axis=-1))
+
+
+class SizeEmbedder(TimestepEmbedder):
+    """Micro-condition embedding: each of the S values per sample is embedded like a timestep
+    and the results concatenated: (B, S) -> (B, S*out)."""
+
+    def construct(self, s):
+        b = s.shape[0]
+        return self.embed(s.reshape(-1)).reshape(b, -1)
+
+
+class CaptionEmbedder(nn.Cell):
+    """T5 features -> hidden size, (B, L, Ct) -> (B, L, D). ``y_embedding`` (L, Ct) is the learned
+    null caption that replaces dropped captions in training (classifier-free guidance)."""
+
+    def __init__(self, in_channels: int, hidden_size: int, token_num: int, compute_dtype=ms.float32):
+        super().__init__()
+        self.y_proj = Mlp(in_channels, hidden_size, hidden_size, compute_dtype)
+        self.y_embedding = Parameter(Tensor(np.zeros((token_num, in_channels), np.float32)), name="y_embedding",
+                                     requires_grad=False)
+
+    def construct(self, y, drop=None):
+        """drop: None or (B,) bool, True where the caption is replaced by the null caption."""
+        if drop is not None:
+            y = ops.where(drop[:, None, None], self.y_embedding.astype(y.dtype)[None], y)
+        return self.y_proj(y)
+
+
+class FinalLayer(nn.Cell):
+    """LayerNorm, modulation by ``scale_shift_table`` (2, D) + t, projection to p*p*out channels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, compute_dtype=ms.float32):
+        super().__init__()
+        self.norm_final = LayerNorm(hidden_size)
+        self.linear = Linear(hidden_size, patch_size * patch_size * out_channels, compute_dtype=compute_dtype)
+        self.scale_shift_table = Parameter(Tensor(np.zeros((2, hidden_size), np.float32)), name="scale_shift_table")
+
+    def construct(self, x, t):
+        """x (B, N, D), t (B, D) -> (B, N, p*p*out)."""
+        shift, scale = ops.split(self.scale_shift_table.astype(x.dtype)[None] + t[:, None], 1, axis=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class PatchEmbed(nn.Cell):
+    """Non-overlapping p×p patches -> tokens, (B, C, H, W) -> (B, h*w, D), rows first.
+
+    Stored as the official conv weight (D, C, p, p); a conv with kernel = stride = p is a
+    matmul over flattened patches, which is what we compute.
+    """
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int, compute_dtype=ms.float32):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = ConvWeights(np.zeros((hidden_size, in_channels, patch_size, patch_size), np.float32))
+        self.compute_dtype = compute_dtype
+
+    def construct(self, x):
+        b, c, hh, ww = x.shape
+        p = self.patch_size
+        patches = x.reshape(b, c, hh // p, p, ww // p, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        w = self.proj.weight.reshape(self.proj.weight.shape[0], -1)
+        dt = self.compute_dtype
+        return ops.dense(patches.astype(dt), w.astype(dt), self.proj.bias.astype(dt))
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------
+
+class PixArt(nn.Cell):
+    """PixArt transformer for the square size it was trained at (the Σ 256px checkpoint).
+
+    construct(x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_caption=None)
+        x: (B, C, H, W) noisy latents; timestep: (B,) float or int;
+        y: (B, L, Ct) T5 features; mask: (B, L) 1 for real tokens, 0 for padding;
+        resolution: (B, 2) image [height, width] and aspect_ratio: (B, 1) height/width, used
+        only with micro-conditions; drop_caption: (B,) bool, training-time caption dropout.
+        Returns (B, out_channels, H, W): eps, then the variance values when learn_sigma.
+    """
+
+    def __init__(self, config: PixArtConfig, dtype=ms.float32):
+        super().__init__()
+        self.config = cfg = config
+        self.dtype = dtype
+        d = cfg.hidden_size
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d, dtype)
+        self.t_embedder = TimestepEmbedder(d, compute_dtype=dtype)
+        self.t_block = nn.SequentialCell([nn.SiLU(), Linear(d, 6 * d, compute_dtype=dtype)])
+        self.y_embedder = CaptionEmbedder(cfg.caption_channels, d, cfg.model_max_length, dtype)
+        if cfg.micro_condition:
+            self.csize_embedder = SizeEmbedder(d // 3, compute_dtype=dtype)
+            self.ar_embedder = SizeEmbedder(d // 3, compute_dtype=dtype)
+        compressed = set(cfg.kv_compress_layers)
+        self.blocks = nn.CellList([
+            PixArtBlock(cfg, cfg.kv_compress_ratio if i in compressed else 1, dtype) for i in range(cfg.depth)])
+        self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels, dtype)
+        self.initialize_weights()
+
+    def check_input_size(self, height: int, width: int):
+        size = self.config.input_size
+        if (height, width) != (size, size):
+            raise ValueError(f"{type(self).__name__} runs at its trained latent size {size}x{size} only, "
+                             f"got {height}x{width}; use PixArtMS for other sizes")
+
+    def pos_embed(self, h: int, w: int):
+        cfg = self.config
+        return Tensor(sincos_pos_embed_2d(cfg.hidden_size, h, w, float(cfg.pe_interpolation), int(cfg.base_size)))
+
+    def construct(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_caption=None):
+        b, _, hh, ww = x.shape
+        p = self.config.patch_size
+        h, w = hh // p, ww // p
+        self.check_input_size(hh, ww)
+        x = self.x_embedder(x.astype(self.dtype)) + self.pos_embed(h, w).astype(self.dtype)[None]
+        t = self.t_embedder(timestep)
+        if self.config.micro_condition:
+            t = t + ops.concat([self.csize_embedder(resolution), self.ar_embedder(aspect_ratio)], axis=1)
+        t = t.astype(self.dtype)
+        t6 = self.t_block(t)
+        y = self.y_embedder(y.astype(self.dtype), drop_caption)
+        if mask is None:
+            y_bias = ops.zeros((b, 1, 1, y.shape[1]), ms.float32)
+        else:
+            y_bias = ((1.0 - mask.astype(ms.float32)) * MASK_BIAS).reshape(b, 1, 1, -1)
+        for block in self.blocks:
+            x = block(x, y, t6, y_bias, h, w)
+        x = self.final_layer(x, t)
+        return self.unpatchify(x, h, w).astype(ms.float32)
+
+    def unpatchify(self, x, h: int, w: int):
+        """(B, h*w, p*p*out) -> (B, out, h*p, w*p)."""
+        p = self.config.patch_size
+        c = self.config.out_channels
+        x = x.reshape(x.shape[0], h, w, p, p, c).transpose(0, 5, 1, 3, 2, 4)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def enable_recompute(self):
+        """Activation checkpointing per block: recompute block activations in the backward pass."""
+        for block in self.blocks:
+            block.recompute()
+
+    def initialize_weights(self, seed: int = 0):
+        """The official initialisation: xavier-uniform linears with zero bias, N(0, 0.02) for the
+        embedding MLPs, zero cross-attention output and final projection, randn/sqrt(D) tables."""
+        rng = np.random.default_rng(seed)
+
+        def set_(param, value):
+            param.set_data(Tensor(np.asarray(value, np.float32)))
+
+        def xavier_uniform(param):
+            fan_out, fan_in = param.shape[0], int(np.prod(param.shape[1:]))
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            set_(param, rng.uniform(-bound, bound, param.shape))
+
+        for _, cell in self.cells_and_names():
+            if isinstance(cell, Linear):
+                xavier_uniform(cell.weight)
+                if cell.bias is not None:
+                    set_(cell.bias, np.zeros(cell.bias.shape))
+        xavier_uniform(self.x_embedder.proj.weight)  # like a linear over flattened patches
+        set_(self.x_embedder.proj.bias, np.zeros(self.x_embedder.proj.bias.shape))
+        normal_02 = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
+                     self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
+        if self.config.micro_condition:
+            normal_02 += [self.csize_embedder.mlp[0], self.csize_embedder.mlp[2],
+                          self.ar_embedder.mlp[0], self.ar_embedder.mlp[2]]
+        for lin in normal_02:
+            set_(lin.weight, rng.normal(0.0, 0.02, lin.weight.shape))
+        d = self.config.hidden_size
+        for block in self.blocks:
+            set_(block.scale_shift_table, rng.standard_normal((6, d)) / d ** 0.5)
+            set_(block.cross_attn.proj.weight, np.zeros(block.cross_attn.proj.weight.shape))
+        final = self.final_layer
+        set_(final.scale_shift_table, rng.standard_normal((2, d)) / d ** 0.5)
+        set_(final.linear.weight, np.zeros(final.linear.weight.shape))
+        set_(final.linear.bias, np.zeros(final.linear.bias.shape))
+        ct = self.config.caption_channels
+        set_(self.y_embedder.y_embedding, rng.standard_normal((self.config.model_max_length, ct)) / ct ** 0.5)
+
+
+class PixArtMS(PixArt):
+    """PixArt at any latent size and aspect ratio (the multi-scale checkpoints): the position
+    embedding is recomputed for each h×w with the checkpoint's ``base_size`` and
+    ``pe_interpolation``."""
+
+    def check_input_size(self, height: int, width: int):
+        p = self.config.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {p}")
+
+
+def build_model(config: PixArtConfig, dtype=ms.float32) -> PixArt:
+    """PixArtMS for multi-scale configs, PixArt otherwise."""
+    return (PixArtMS if config.multi_scale else PixArt)(config, dtype=dtype)

@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Convert PixArt transformer weights to a MindSpore checkpoint, or back to diffusers.
+
+    python tools/convert.py --source models/PixArt-Sigma-XL-2-1024-MS.pth --target models/PixArt-Sigma-XL-2-1024-MS.ckpt
+    python tools/convert.py --source PixArt-Sigma-XL-2-1024-MS/transformer --target models/sigma-1024.ckpt
+    python tools/convert.py --source output/checkpoints/step-1000.ckpt --target exported/transformer
+
+Sources: an official .pth/.pt (bare state dict, or under `state_dict` / `state_dict_ema`;
+--ema picks the EMA weights), a .safetensors file with official or diffusers names, a
+diffusers `transformer/` folder, or (for the reverse direction) one of our .ckpt files.
+No PyTorch is needed: .pth files are read with a restricted unpickler that runs no code.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from pixart.models.pixart_checkpoint import (  # noqa: E402
+    check_state_dict, diffusers_config, infer_config, official_to_diffusers, read_source, save_mindspore_checkpoint)
+from pixart.utils.errors import ModelLoadError  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", required=True, help="checkpoint file or diffusers transformer folder to read")
+    p.add_argument("--target", required=True,
+                   help="where to write: a .ckpt file, or a folder (diffusers layout) when --source is a .ckpt")
+    p.add_argument("--ema", action="store_true", help="take `state_dict_ema` from a training checkpoint")
+    p.add_argument("--num_heads", type=int, default=None,
+                   help="attention heads (not stored in official files; default: diffusers config or 16, as XL/2)")
+    p.add_argument("--model_max_length", type=int, default=None,
+                   help="T5 tokens when the file has no y_embedding (diffusers files): 300 for Σ, 120 for α")
+    p.add_argument("--input_size", type=int, default=None,
+                   help="latent size the model was trained at (image side / 8), when the file does not tell")
+    p.add_argument("--pe_interpolation", type=float, default=None,
+                   help="position-embedding interpolation (default: input_size / 64, as every official checkpoint)")
+    p.add_argument("--kv_compress_sampling", choices=["conv", "ave", "uniform"], default=None,
+                   help="KV compression for parameter-free ave/uniform models (conv is detected from the weights)")
+    p.add_argument("--kv_compress_layers", type=int, nargs="*", default=None,
+                   help="layers with ave/uniform KV compression (conv layers are detected from the weights)")
+    p.add_argument("--fixed_size", action="store_true",
+                   help="PixArt (square input_size only, as the Σ 256px checkpoint) rather than PixArtMS")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the written weights")
+    return p.parse_args(argv)
+
+
+def describe(config) -> str:
+    extras = []
+    if config.micro_condition:
+        extras.append("micro-conditions")
+    if config.kv_compress_layers:
+        extras.append(f"KV compression ({config.kv_compress_sampling}, ratio {config.kv_compress_ratio}) on layers "
+                      f"{list(config.kv_compress_layers)}")
+    if config.qk_norm:
+        extras.append("qk-norm")
+    return (f"{'PixArtMS' if config.multi_scale else 'PixArt'}: depth {config.depth}, hidden {config.hidden_size}, "
+            f"{config.num_heads} heads, patch {config.patch_size}, {config.in_channels}->{config.out_channels} "
+            f"channels, caption {config.caption_channels}x{config.model_max_length} tokens, input {config.input_size}, "
+            f"pe_interpolation {config.pe_interpolation}" + ("; " + ", ".join(extras) if extras else ""))
+
+
+def to_mindspore(args) -> None:
+    sd, hints = read_source(args.source, use_ema=args.ema)
+    given = dict(hints)
+    for key in ("model_max_length", "input_size", "pe_interpolation", "kv_compress_sampling", "kv_compress_layers"):
+        if getattr(args, key) is not None:
+            given[key] = getattr(args, key)
+    if args.fixed_size:
+        given["multi_scale"] = False
+    config = infer_config(sd, num_heads=args.num_heads or given.pop("num_heads", None) or 16, **given)
+    given.pop("num_heads", None)
+    print(describe(config))
+    sd.pop("pos_embed", None)
+    if "y_embedder.y_embedding" not in sd:
+        # diffusers drops the null caption; it is only used for caption dropout when training
+        rng = np.random.default_rng(0)
+        ct = config.caption_channels
+        sd["y_embedder.y_embedding"] = (rng.standard_normal((config.model_max_length, ct)) / ct ** 0.5).astype(np.float32)
+        print(f"note: the source has no y_embedding (null caption); initialised {config.model_max_length}x{ct} "
+              f"randomly as the official model does. It only matters for finetuning with caption dropout.")
+    check_state_dict(sd, config, args.source)
+    save_mindspore_checkpoint(sd, config, args.target, dtype=args.dtype)
+    n = sum(int(np.prod(v.shape)) for k, v in sd.items() if k != "y_embedder.y_embedding")
+    print(f"wrote {args.target}: {len(sd)} tensors, {n:,} parameters (+ y_embedding), {args.dtype}")
+
+
+def to_diffusers(args) -> None:
+    import json
+    from pixart.utils.safetensors_io import save_file
+
+    sd, hints = read_source(args.source)
+    config = infer_config(sd, num_heads=hints.pop("num_heads", None) or 16, **hints)
+    print(describe(config))
+    dconfig = diffusers_config(config)
+    tensors = official_to_diffusers(sd)
+    os.makedirs(args.target, exist_ok=True)
+    save_file(tensors, os.path.join(args.target, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(args.target, "config.json"), "w") as f:
+        json.dump(dconfig, f, indent=2)
+    print(f"wrote {args.target}/ (config.json, diffusion_pytorch_model.safetensors): {len(tensors)} tensors")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    reverse = args.source.endswith(".ckpt") and not args.target.endswith(".ckpt")
+    try:
+        (to_diffusers if reverse else to_mindspore)(args)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
