@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Transformer forward: ours (MindSpore, graph mode) vs diffusers (PyTorch), same machine, one run.
+
+XL/2 with random weights, batch 2 (a classifier-free-guidance pair), 300 caption tokens.
+Runs are interleaved (ours, theirs, ours, ...) so both see the same machine load; we report
+medians, the ratio ours/theirs (<= 1.0 means we are not slower), and achieved GFLOP/s next
+to the fp32 GEMM peak each framework reaches in this run on an XL-sized matmul.
+
+    python benchmarks/bench_transformer.py                 # 256px and 512px
+    python benchmarks/bench_transformer.py --sizes 256 --repeats 5
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+
+def forward_flops(tokens: int, caption_tokens: int = 300, hidden: int = 1152, depth: int = 28, batch: int = 2,
+                  caption_channels: int = 4096, patch_channels: int = 16, out: int = 32) -> float:
+    """Multiply-adds x2 of the GEMMs and attention products of one PixArt forward."""
+    n, l, d = tokens, caption_tokens, hidden
+    per_block = (2 * n * d * 3 * d + 2 * n * d * d            # self-attention projections
+                 + 2 * 2 * n * n * d                           # QK^T and PV
+                 + 2 * n * d * d + 2 * l * d * 2 * d + 2 * n * d * d  # cross-attention projections
+                 + 2 * 2 * n * l * d                           # cross QK^T and PV
+                 + 2 * 2 * n * d * 4 * d)                      # MLP
+    outside = 2 * l * caption_channels * d + 2 * l * d * d + 2 * n * patch_channels * d + 2 * n * d * out
+    return batch * (depth * per_block + outside)
+
+
+def timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sizes (latent = size / 8)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed forwards per framework and size")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both frameworks")
+    args = ap.parse_args()
+
+    import mindspore as ms
+    import torch
+    from diffusers import PixArtTransformer2DModel
+
+    from pixart.models.pixart import PixArtConfig, build_model
+
+    torch.set_num_threads(args.threads)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+
+    # GEMM peak: the MLP fc1 shape at 256px, batch 2 (512 tokens x 1152 -> 4608)
+    a = np.random.randn(512, 1152).astype(np.float32)
+    b = np.random.randn(1152, 4608).astype(np.float32)
+    gemm_flops = 2 * 512 * 1152 * 4608
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    ma, mb = ms.Tensor(a), ms.Tensor(b)
+
+    @ms.jit
+    def ms_mm(x, y):
+        return ms.ops.matmul(x, y)
+
+    ms_mm(ma, mb).asnumpy()
+    torch_peak = gemm_flops / statistics.median(timed(lambda: torch.matmul(ta, tb), 20)) / 1e9
+    ms_peak = gemm_flops / statistics.median(timed(lambda: ms_mm(ma, mb).asnumpy(), 20)) / 1e9
+    print(f"fp32 GEMM peak (512x1152 @ 1152x4608): torch {torch_peak:.0f} GFLOP/s, mindspore {ms_peak:.0f} GFLOP/s")
+
+    torch_model = PixArtTransformer2DModel(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+        cross_attention_dim=1152, sample_size=64, patch_size=2, caption_channels=4096, interpolation_scale=1,
+        use_additional_conditions=False).eval()
+    config = PixArtConfig(input_size=64, pe_interpolation=1.0)
+    model = build_model(config)
+    params = dict(model.parameters_and_names())
+    from pixart.models.pixart_checkpoint import diffusers_to_official
+    for name, value in diffusers_to_official({k: v.numpy() for k, v in torch_model.state_dict().items()}).items():
+        params[name].set_data(ms.Tensor(value))
+    model.set_train(False)
+
+    @ms.jit
+    def ours_forward(x, t, y, mask):
+        return model(x, t, y, mask)
+
+    rows = []
+    for size in args.sizes:
+        lat = size // 8
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((2, 4, lat, lat)).astype(np.float32)
+        t = np.array([500.0, 500.0], np.float32)
+        y = rng.standard_normal((2, 300, 4096)).astype(np.float32)
+        mask = np.ones((2, 300), np.int64)
+        mask[:, 40:] = 0
+        ms_args = [ms.Tensor(v) for v in (x, t, y, mask)]
+        th_args = dict(hidden_states=torch.from_numpy(x), timestep=torch.from_numpy(t),
+                       encoder_hidden_states=torch.from_numpy(y), encoder_attention_mask=torch.from_numpy(mask),
+                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+
+        def run_ours():
+            return ours_forward(*ms_args).asnumpy()
+
+        def run_theirs():
+            with torch.no_grad():
+                return torch_model(**th_args)[0].numpy()
+
+        start = time.perf_counter()
+        out_ours = run_ours()
+        compile_s = time.perf_counter() - start
+        out_theirs = run_theirs()
+        err = float(np.abs(out_ours - out_theirs).max())
+        ours_t, theirs_t = [], []
+        for _ in range(args.repeats):
+            ours_t += timed(run_ours, 1)
+            theirs_t += timed(run_theirs, 1)
+        o, th = statistics.median(ours_t), statistics.median(theirs_t)
+        flops = forward_flops((lat // 2) ** 2)
+        rows.append((size, o, th, o / th, flops / o / 1e9, flops / th / 1e9, compile_s, err))
+
+    print(f"\nXL/2 forward, batch 2, {args.threads} threads, median of {args.repeats} (interleaved)")
+    print("| size | ours (s) | diffusers (s) | ratio ours/diffusers | ours GFLOP/s | diffusers GFLOP/s "
+          "| first call incl. compile (s) | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size, o, th, ratio, gf_o, gf_t, comp, err in rows:
+        print(f"| {size}px | {o:.2f} | {th:.2f} | {ratio:.2f} | {gf_o:.0f} | {gf_t:.0f} | {comp:.1f} | {err:.1e} |")
+    print(f"GEMM peak in this run: mindspore {ms_peak:.0f}, torch {torch_peak:.0f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

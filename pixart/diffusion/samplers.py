@@ -1,0 +1,257 @@
+"""PixArt's three samplers in NumPy: DPM-Solver++ (2M), DDIM (eta 0) and IDDPM ancestral sampling.
+
+All share one small interface (:class:`Sampler`)::
+
+    sampler = make_sampler("dpm", 20)
+    x = rng.standard_normal(shape).astype(np.float32) * sampler.init_noise_sigma
+    for i, t in enumerate(sampler.timesteps):
+        out = model(x, t)                      # classifier-free guidance: the caller's job
+        x = sampler.step(out[:, :sampler.model_channels(C)], i, x)
+
+The state is float32, like the references' torch float32 tensors; per-step coefficients are
+computed once, in the precision their reference computes them.  Model output channels: the
+transformer predicts 2C channels (eps, then the learned-variance values); DPM-Solver++ and DDIM
+take the first C (eps), IDDPM takes all 2C.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import numpy as np
+
+from .schedule import (
+    NUM_TRAIN_TIMESTEPS,
+    DiffusionSchedule,
+    check_num_steps,
+    diffusers_alphas_cumprod,
+    respaced_schedule,
+)
+
+NoiseSource = Union[np.random.Generator, Callable[[tuple], np.ndarray]]
+
+_F32 = np.float32
+_ONE = _F32(1.0)
+_HALF = _F32(0.5)
+
+
+def _rounded(fn, x):
+    """float32 ``fn(x)`` evaluated in float64 and rounded once: matches torch's CPU float32
+    log (and exp, but for rare 1-ulp cases) more often than NumPy's float32 SIMD kernels."""
+    return fn(np.asarray(x, dtype=np.float64)).astype(np.float32)
+
+
+class Sampler:
+    """Common interface of the samplers.
+
+    Attributes:
+        timesteps: (N,) int64, the model timesteps to call, in call order (descending).
+        init_noise_sigma: scale of the initial Gaussian latent (1 for all samplers here).
+        learned_variance: whether ``step`` consumes the variance channels as well as eps.
+    """
+
+    init_noise_sigma = 1.0
+    learned_variance = False
+    timesteps: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    def model_channels(self, latent_channels: int) -> int:
+        """How many leading channels of the model output ``step`` takes (C or 2C)."""
+        return latent_channels * (2 if self.learned_variance else 1)
+
+    def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
+        """Advance ``sample`` (B, C, H, W) from ``timesteps[index]`` to the next used timestep.
+
+        ``model_output`` is (B, model_channels(C), H, W), the model evaluated at
+        ``(sample, timesteps[index])``.  Returns the float32 sample for ``index + 1``
+        (after the last index: the denoised latent).
+        """
+        raise NotImplementedError
+
+    def _inputs(self, model_output, index, sample):
+        """Validate a step's arguments and return them as float32 arrays."""
+        if not 0 <= index < self.num_steps:
+            raise ValueError(f"step index must be in [0, {self.num_steps}), got {index}")
+        model_output = np.asarray(model_output, dtype=np.float32)
+        sample = np.asarray(sample, dtype=np.float32)
+        expected = (sample.shape[0], self.model_channels(sample.shape[1])) + sample.shape[2:]
+        if model_output.shape != expected:
+            raise ValueError(
+                f"{type(self).__name__} expects a model output of shape {expected} for a sample of "
+                f"shape {sample.shape}, got {model_output.shape}"
+            )
+        return model_output, sample
+
+
+class _RespacedSampler(Sampler):
+    """Base of the samplers over the official respaced diffusion (``IDDPM(str(num_steps))``)."""
+
+    def __init__(self, num_steps: int):
+        self.schedule: DiffusionSchedule = respaced_schedule(num_steps)
+        self.timesteps = self.schedule.timesteps[::-1].copy()
+
+    def _coef(self, table: np.ndarray, index: int) -> np.float32:
+        """Float64 ``table`` entry for call-order ``index``, as float32 (the reference's
+        ``_extract_into_tensor(...).float()``); schedule index 0 is called last."""
+        return _F32(table[self.num_steps - 1 - index])
+
+    def _predict_x0(self, eps: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
+        """x0 = x / sqrt(abar) - sqrt(1 / abar - 1) * eps  (``_predict_xstart_from_eps``)."""
+        s = self.schedule
+        return self._coef(s.sqrt_recip_alphas_cumprod, index) * sample - self._coef(
+            s.sqrt_recipm1_alphas_cumprod, index
+        ) * eps
+
+
+class DDIMSampler(_RespacedSampler):
+    """Deterministic DDIM (eta = 0) as the official ``ddim_sample_loop`` over ``IDDPM(str(num_steps))``.
+
+    Each step moves to the next timestep actually used (the respaced diffusion's
+    ``alphas_cumprod_prev``; 1 after the last step), unlike diffusers' ``DDIMScheduler``, which
+    moves to ``t - 1000 // num_steps``.  Takes eps only (C channels)::
+
+        x0     = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+        x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps
+
+    The reference re-derives eps from x0 before the second line; with no x0 clipping
+    (PixArt samples with ``clip_denoised=False``) that is the model's eps, used here directly.
+    """
+
+    def __init__(self, num_steps: int):
+        super().__init__(num_steps)
+        alphas_cumprod_prev = self.schedule.alphas_cumprod_prev
+        self._sqrt_alphas_cumprod_prev = np.sqrt(alphas_cumprod_prev)
+        self._sqrt_one_minus_alphas_cumprod_prev = np.sqrt(1.0 - alphas_cumprod_prev)
+
+    def step(self, model_output, index, sample):
+        eps, sample = self._inputs(model_output, index, sample)
+        x0 = self._predict_x0(eps, index, sample)
+        return self._coef(self._sqrt_alphas_cumprod_prev, index) * x0 + self._coef(
+            self._sqrt_one_minus_alphas_cumprod_prev, index
+        ) * eps
+
+
+class IDDPMSampler(_RespacedSampler):
+    """Ancestral sampling with learned variance: the official ``p_sample_loop`` over ``IDDPM(str(num_steps))``.
+
+    Takes all 2C model channels: eps, then v in [-1, 1] interpolating the log variance
+    between the clipped posterior variance and beta of the *respaced* schedule
+    (``learned_range``)::
+
+        x0       = x / sqrt(abar_t) - sqrt(1 / abar_t - 1) eps      (clip_denoised=False)
+        mean     = posterior_mean_coef1_t x0 + posterior_mean_coef2_t x
+        log_var  = frac log(beta_t) + (1 - frac) log(beta~_t),   frac = (v + 1) / 2
+        x_prev   = mean + exp(log_var / 2) z,   z ~ N(0, I), no noise at the last step (t = 0)
+
+    Args:
+        noise: a seeded ``np.random.Generator`` or a callable ``shape -> float32 array`` that
+            supplies z; None uses a fresh unseeded generator.
+    """
+
+    learned_variance = True
+
+    def __init__(self, num_steps: int, noise: Optional[NoiseSource] = None):
+        super().__init__(num_steps)
+        if noise is None:
+            noise = np.random.default_rng()
+        if isinstance(noise, np.random.Generator):
+            generator = noise
+            noise = lambda shape: generator.standard_normal(shape, dtype=np.float32)  # noqa: E731
+        self._noise = noise
+
+    def step(self, model_output, index, sample):
+        model_output, sample = self._inputs(model_output, index, sample)
+        eps, var_values = np.split(model_output, 2, axis=1)
+        s = self.schedule
+        x0 = self._predict_x0(eps, index, sample)
+        mean = (
+            self._coef(s.posterior_mean_coef1, index) * x0 + self._coef(s.posterior_mean_coef2, index) * sample
+        )
+        if index == self.num_steps - 1:
+            return mean
+        frac = (var_values + _ONE) / _F32(2.0)
+        log_variance = frac * self._coef(s.log_betas, index) + (_ONE - frac) * self._coef(
+            s.posterior_log_variance_clipped, index
+        )
+        z = np.asarray(self._noise(sample.shape), dtype=np.float32)
+        return mean + np.exp(_HALF * log_variance) * z
+
+
+class DPMSolverSampler(Sampler):
+    """DPM-Solver++ 2M, mirroring diffusers' ``DPMSolverMultistepScheduler`` with PixArt-Sigma's config.
+
+    Config: algorithm_type dpmsolver++, solver_order 2, solver_type midpoint, linear betas
+    1e-4..0.02 over 1000 steps, prediction_type epsilon, timestep_spacing linspace,
+    steps_offset 0, lower_order_final True, no Karras sigmas, no thresholding, and
+    final_sigmas_type "zero" (the diffusers 0.42.1 default; PixArt-Sigma's config predates the
+    option).  Takes eps only (C channels).
+
+    The first step is first order (no history yet), and so is the last: its target sigma is 0
+    ("zero"), which diffusers always steps to with first order.  So with solver_order 2,
+    lower_order_final changes nothing here.  In between: second-order midpoint updates using
+    the previous step's x0.  ``step`` must be called with index 0, 1, 2, ... in order
+    (index 0 restarts).  Scalars are float32 and follow diffusers' formulas operation by
+    operation, on its float32 schedule (:func:`diffusers_alphas_cumprod`).
+    """
+
+    def __init__(self, num_steps: int):
+        num_steps = check_num_steps(num_steps)
+        if num_steps >= NUM_TRAIN_TIMESTEPS:
+            # linspace(0, 999, 1001) rounds two points to the same timestep: a zero step size
+            # that makes diffusers' second-order update divide by zero.
+            raise ValueError(f"DPM-Solver++ needs fewer than {NUM_TRAIN_TIMESTEPS} steps, got {num_steps}")
+        self.timesteps = (
+            np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, num_steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+        )
+        alphas_cumprod = diffusers_alphas_cumprod()
+        # VP sigma = sqrt((1 - abar) / abar) at each timestep; alpha_t = 1 / sqrt(1 + sigma^2)
+        # and sigma_t = sigma * alpha_t as diffusers' _sigma_to_alpha_sigma_t; the final
+        # sigma 0 is handled in step().
+        sigma = np.sqrt((_ONE - alphas_cumprod) / alphas_cumprod)[self.timesteps]
+        self._alpha = _ONE / np.sqrt(sigma * sigma + _ONE)
+        self._sigma = sigma * self._alpha
+        self._lambda = _rounded(np.log, self._alpha) - _rounded(np.log, self._sigma)
+        self._previous_x0: Optional[np.ndarray] = None
+        self._next_index = 0
+
+    def step(self, model_output, index, sample):
+        eps, sample = self._inputs(model_output, index, sample)
+        if index not in (0, self._next_index):
+            raise ValueError(
+                f"DPM-Solver++ steps must run in order: expected index {self._next_index}, got {index}"
+            )
+        alpha_s, sigma_s = self._alpha[index], self._sigma[index]
+        x0 = (sample - sigma_s * eps) / alpha_s
+        if index == self.num_steps - 1:
+            # First-order step to sigma 0: (0 / sigma_s) x - alpha_t (exp(-inf) - 1) x0 = x0 exactly.
+            prev_sample = x0
+        else:
+            alpha_t, sigma_t = self._alpha[index + 1], self._sigma[index + 1]
+            h = self._lambda[index + 1] - self._lambda[index]
+            alpha_expm1 = alpha_t * (_rounded(np.exp, -h) - _ONE)  # alpha_t (e^-h - 1)
+            prev_sample = (sigma_t / sigma_s) * sample - alpha_expm1 * x0
+            if index > 0:
+                r0 = (self._lambda[index] - self._lambda[index - 1]) / h
+                d1 = (_ONE / r0) * (x0 - self._previous_x0)
+                prev_sample = prev_sample - (_HALF * alpha_expm1) * d1
+        self._previous_x0 = x0
+        self._next_index = index + 1
+        return prev_sample
+
+
+SAMPLERS = {"dpm": DPMSolverSampler, "ddim": DDIMSampler, "iddpm": IDDPMSampler}
+
+
+def make_sampler(name: str, num_steps: int, noise: Optional[NoiseSource] = None) -> Sampler:
+    """Build the sampler ``name`` ("dpm", "ddim" or "iddpm") for ``num_steps`` steps.
+
+    ``noise`` (a seeded ``np.random.Generator`` or ``shape -> array`` callable) feeds IDDPM's
+    per-step noise; the deterministic samplers ignore it.
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid choices: {', '.join(sorted(SAMPLERS))}")
+    if name == "iddpm":
+        return IDDPMSampler(num_steps, noise=noise)
+    return SAMPLERS[name](num_steps)
