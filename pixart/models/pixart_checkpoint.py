@@ -340,6 +340,21 @@ def read_mindspore_checkpoint(path: str) -> Tuple[StateDict, Optional[PixArtConf
     return sd, config
 
 
+def read_config(path: str) -> PixArtConfig:
+    """The architecture of a checkpoint without loading its weights when it is one of our
+    ``.ckpt`` files (other sources are read whole)."""
+    if path.endswith(".ckpt") and os.path.isfile(path):
+        import mindspore as ms
+        try:
+            raw = ms.load_checkpoint(path, choice_func=lambda name: name == CONFIG_KEY)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ModelLoadError(f"{path}: not a readable MindSpore checkpoint ({e})") from None
+        if isinstance(raw.get(CONFIG_KEY), str):
+            return PixArtConfig.from_dict(json.loads(raw[CONFIG_KEY]))
+    sd, hints = read_source(path)
+    return infer_config(sd, num_heads=hints.pop("num_heads", None) or 16, **hints)
+
+
 def load_pixart(path: str, dtype=None, **overrides):
     """Build the transformer a checkpoint describes and load its weights.
 

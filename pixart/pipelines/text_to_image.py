@@ -1,0 +1,228 @@
+"""Text-to-image sampling with a PixArt transformer, as diffusers' ``PixArtSigmaPipeline`` does it.
+
+Stages, each usable on its own so a caller can free one model before loading the next:
+    text   prompts -> T5 embeddings + masks           (pixart.models.text_encoder)
+    denoise latents <- sampler steps over the transformer with classifier-free guidance
+    decode  latents -> VAE -> uint8 images, resized back from the resolution bucket
+
+Conventions (diffusers'): the unconditional branch is the negative prompt (default "")
+with its own tokens and mask; guidance ``uncond + g * (cond - uncond)`` on the eps
+channels; with a learned variance the IDDPM sampler gets the conditional branch's
+variance values (the official ``forward_with_cfg`` also guides only 3 of 4 eps channels,
+a DiT leftover we do not copy).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+from tqdm.auto import tqdm
+
+from pixart.data.buckets import resolution_binning
+from pixart.diffusion.samplers import make_sampler
+
+BINNING_TABLES = {32: 256, 64: 512, 128: 1024, 256: 2048}  # trained latent size -> bucket table
+
+
+@dataclasses.dataclass
+class TextEmbeddings:
+    """T5 output for a batch of prompts: embeddings (B, L, Ct) float32, mask (B, L) int."""
+    embeddings: np.ndarray
+    mask: np.ndarray
+
+    def __len__(self):
+        return len(self.embeddings)
+
+    def repeat(self, n: int) -> "TextEmbeddings":
+        """Each prompt n times in a row (n images per prompt)."""
+        return TextEmbeddings(np.repeat(self.embeddings, n, axis=0), np.repeat(self.mask, n, axis=0))
+
+    def take(self, index) -> "TextEmbeddings":
+        return TextEmbeddings(self.embeddings[index], self.mask[index])
+
+
+def bilinear_resize_and_crop(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(B, C, H, W) float -> (B, C, height, width): scale to cover, bilinear with half-pixel
+    centres (torch ``interpolate(mode="bilinear", align_corners=False)``), then center crop,
+    as diffusers' ``resize_and_crop_tensor``."""
+    _, _, h, w = images.shape
+    if (h, w) == (height, width):
+        return images
+    ratio = max(height / h, width / w)
+    new_h, new_w = max(height, int(h * ratio)), max(width, int(w * ratio))
+
+    def axis_weights(n_in, n_out):
+        src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        frac = (src - lo).astype(np.float32)
+        return lo, hi, frac
+
+    lo, hi, f = axis_weights(h, new_h)
+    rows = images[:, :, lo, :] * (1 - f)[:, None] + images[:, :, hi, :] * f[:, None]
+    lo, hi, f = axis_weights(w, new_w)
+    out = rows[:, :, :, lo] * (1 - f) + rows[:, :, :, hi] * f
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return out[:, :, top:top + height, left:left + width]
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """VAE output (B, C, H, W) in about [-1, 1] -> (B, H, W, C) uint8, as diffusers' postprocess."""
+    images = np.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return (images * 255).round().astype(np.uint8)
+
+
+class GuidedDenoiser:
+    """The transformer as the samplers see it: ``(latents, t) -> model output`` with guidance.
+
+    In graph mode each distinct input shape compiles once; timestep and guidance scale are
+    tensor inputs, so steps, seeds, prompts and guidance values reuse the same graph.
+    """
+
+    def __init__(self, model, graph: bool = True):
+        self.model = model
+        self.latent_channels = model.config.in_channels
+        self.micro_condition = model.config.micro_condition
+        self._guided = self._compile(self._guided_forward, graph)
+        self._plain = self._compile(self._plain_forward, graph)
+
+    @staticmethod
+    def _compile(fn, graph):
+        return ms.jit(fn) if graph else fn
+
+    def _guided_forward(self, x, t, y, mask, guidance, resolution, aspect_ratio):
+        b = x.shape[0]
+        c = self.latent_channels
+        x2 = ops.concat([x, x], axis=0)
+        t2 = ops.broadcast_to(t.reshape(1), (2 * b,))
+        out = self.model(x2, t2, y, mask, resolution, aspect_ratio)
+        uncond, cond = out[:b], out[b:]
+        eps = uncond[:, :c] + guidance * (cond[:, :c] - uncond[:, :c])
+        return ops.concat([eps, cond[:, c:]], axis=1)
+
+    def _plain_forward(self, x, t, y, mask, resolution, aspect_ratio):
+        t1 = ops.broadcast_to(t.reshape(1), (x.shape[0],))
+        return self.model(x, t1, y, mask, resolution, aspect_ratio)
+
+    def __call__(self, latents: np.ndarray, t: int, cond: TextEmbeddings, uncond: Optional[TextEmbeddings],
+                 guidance_scale: float, micro: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> np.ndarray:
+        """latents (B, C, H, W); cond/uncond with B rows; micro = (resolution (B, 2), aspect ratio (B, 1))
+        for micro-conditioned models. Returns (B, out_channels, H, W) float32."""
+        guided = uncond is not None
+        res, ar = (None, None)
+        if self.micro_condition:
+            res, ar = micro
+            if guided:
+                res, ar = np.concatenate([res, res]), np.concatenate([ar, ar])
+            res, ar = Tensor(res.astype(np.float32)), Tensor(ar.astype(np.float32))
+        x = Tensor(latents.astype(np.float32))
+        tt = Tensor(np.array(t, np.float32))
+        if guided:
+            y = Tensor(np.concatenate([uncond.embeddings, cond.embeddings]).astype(np.float32))
+            mask = Tensor(np.concatenate([uncond.mask, cond.mask]).astype(np.int32))
+            out = self._guided(x, tt, y, mask, Tensor(np.float32(guidance_scale)), res, ar)
+        else:
+            out = self._plain(x, tt, Tensor(cond.embeddings.astype(np.float32)),
+                              Tensor(cond.mask.astype(np.int32)), res, ar)
+        return out.asnumpy()
+
+
+@dataclasses.dataclass
+class SamplingResult:
+    images: np.ndarray          # (B, H, W, 3) uint8 at the requested size
+    generated_size: Tuple[int, int]  # (height, width) actually sampled (the resolution bucket)
+    seconds_per_step: float
+    total_seconds: float
+
+
+class PixArtPipeline:
+    """Transformer + VAE sampling from precomputed text embeddings.
+
+    ``transformer`` is a loaded PixArt cell; ``vae`` an ``AutoencoderKL``. Text encoding is
+    separate (see ``pixart.models.text_encoder``) so the 4.7B-parameter T5 can be released
+    before these models are loaded.
+    """
+
+    def __init__(self, transformer, vae, graph: bool = True, tiled_decode: bool = True):
+        self.transformer = transformer
+        self.vae = vae
+        self.denoiser = GuidedDenoiser(transformer, graph=graph)
+        self.tiled_decode = tiled_decode
+        self.vae_factor = vae.config.downsample_factor
+        self.patch = transformer.config.patch_size
+
+    def generation_size(self, height: int, width: int, use_resolution_binning: bool) -> Tuple[int, int]:
+        """The (height, width) to sample at: the nearest bucket of the model's table when binning."""
+        input_size = self.transformer.config.input_size
+        if use_resolution_binning and input_size in BINNING_TABLES:
+            height, width = resolution_binning(height, width, BINNING_TABLES[input_size])
+        unit = self.vae_factor * self.patch
+        if height % unit or width % unit or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {unit} (VAE factor {self.vae_factor} x "
+                             f"patch {self.patch}), got {height}x{width}")
+        return height, width
+
+    def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> np.ndarray:
+        """(B, C, h, w) standard normal, row i drawn from ``seeds[i]`` alone, so any image can be
+        regenerated by itself from its seed."""
+        shape = (self.transformer.config.in_channels, height // self.vae_factor, width // self.vae_factor)
+        return np.stack([np.random.default_rng(s).standard_normal(shape).astype(np.float32) for s in seeds])
+
+    def __call__(self, cond: TextEmbeddings, uncond: Optional[TextEmbeddings], height: int, width: int,
+                 sampling_method: str = "dpm", steps: int = 20, guidance_scale: float = 4.5,
+                 seeds: Optional[Sequence[int]] = None, latents: Optional[np.ndarray] = None,
+                 use_resolution_binning: bool = True, progress: bool = True,
+                 step_callback: Optional[Callable[[int, int], None]] = None) -> SamplingResult:
+        """Sample one image per row of ``cond``; ``uncond`` (same rows) is ignored when
+        ``guidance_scale <= 1``. Row i's initial noise (and IDDPM's step noise) comes from
+        ``seeds[i]``; ``latents`` (B, C, h, w) replaces the initial noise."""
+        start = time.perf_counter()
+        gen_h, gen_w = self.generation_size(height, width, use_resolution_binning)
+        batch = len(cond)
+        seeds = list(seeds) if seeds is not None else [int(s) for s in np.random.SeedSequence().generate_state(batch)]
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for {batch} images")
+        if latents is None:
+            latents = self.initial_latents(seeds, gen_h, gen_w)
+        else:
+            want = (batch, self.transformer.config.in_channels, gen_h // self.vae_factor, gen_w // self.vae_factor)
+            if tuple(latents.shape) != want:
+                raise ValueError(f"initial latents must have shape {want} for {batch} image(s) at {gen_h}x{gen_w}, "
+                                 f"got {tuple(latents.shape)}")
+            latents = latents.astype(np.float32)
+        step_noise = [np.random.default_rng([s, 1]) for s in seeds]  # a stream apart from the initial noise
+        sampler = make_sampler(sampling_method, steps,
+                               noise=lambda shape: np.stack([g.standard_normal(shape[1:]) for g in step_noise]))
+        latents = latents * np.float32(sampler.init_noise_sigma)
+        guided = guidance_scale > 1.0 and uncond is not None
+        micro = (np.tile([[gen_h, gen_w]], (batch, 1)).astype(np.float32),
+                 np.full((batch, 1), gen_h / gen_w, np.float32))
+        channels = sampler.model_channels(self.transformer.config.in_channels)
+        step_times = []
+        for i, t in enumerate(tqdm(sampler.timesteps, desc=f"{sampling_method} {gen_h}x{gen_w}", disable=not progress,
+                                   leave=False)):
+            t0 = time.perf_counter()
+            out = self.denoiser(latents, int(t), cond, uncond if guided else None, guidance_scale, micro)
+            latents = sampler.step(out[:, :channels], i, latents)
+            step_times.append(time.perf_counter() - t0)
+            if step_callback is not None:
+                step_callback(i + 1, len(sampler.timesteps))
+        images = self.decode(latents)
+        images = bilinear_resize_and_crop(images, height, width) if (gen_h, gen_w) != (height, width) else images
+        # the first step includes compilation; report the steady rate when there is one
+        per_step = float(np.median(step_times[1:])) if len(step_times) > 1 else step_times[0]
+        return SamplingResult(to_uint8(images), (gen_h, gen_w), per_step, time.perf_counter() - start)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """(B, C, h, w) sampler latents -> (B, 3, H, W) float32 images in about [-1, 1]."""
+        z = latents / np.float32(self.vae.scaling_factor) + np.float32(self.vae.shift_factor)
+        return np.concatenate([self.vae.decode(Tensor(z[i:i + 1]), tiled=self.tiled_decode).asnumpy()
+                               for i in range(len(z))])
+
+
+def split_batches(n: int, batch_size: int) -> List[slice]:
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
