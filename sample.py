@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=1, help="images per denoiser call")
     g.add_argument("--num_trials", type=int, default=1, help="images per prompt")
     g.add_argument("--tiled_decode", type=str2bool, default=True,
-                   help="decode latents larger than the VAE's native size (1024px for SDXL) in blended tiles, "
-                        "so 2K/4K images do not need the memory of the whole image at once")
+                   help="decode images larger in area than the VAE's native size (1024x1024 for SDXL) in blended "
+                        "tiles, so 2K/4K images do not need the memory of the whole image at once")
     g = p.add_argument_group("output")
     g.add_argument("--output_path", default="samples", help="folder for the PNGs (never overwritten)")
     g.add_argument("--imagegrid", type=str2bool, default=False, help="also save a grid of all images")

@@ -102,3 +102,135 @@ def test_dpm_matches_pixart_sigma_pipeline(components, tmp_path, height, width, 
                                  "--guidance_scale", "4.5", "--use_resolution_binning", "False")
     assert_images_close(ours, [np.asarray(im) for im in expected])
     assert "s/step" in stdout
+
+
+def official_respacing(num_steps, num_timesteps=1000):
+    """IDDPM ``space_timesteps(1000, str(num_steps))``, written out."""
+    stride = 1 if num_steps <= 1 else (num_timesteps - 1) / (num_steps - 1)
+    taken, cur = [], 0.0
+    for _ in range(num_steps):
+        taken.append(round(cur))
+        cur += stride
+    return sorted(set(taken), reverse=True)
+
+
+def reference_ddim_loop(c, latents, height, width, steps, guidance):
+    """DDIM (eta 0) with the official semantics: each step moves to the next timestep used."""
+    pipe = diffusers_pipeline(c, dpm_scheduler())
+    pos, pos_mask, neg, neg_mask = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=True, negative_prompt="",
+                                                      max_sequence_length=300, clean_caption=False)
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    timesteps = official_respacing(steps)
+    x = torch.from_numpy(latents).double()
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            model_in = torch.cat([x, x]).float()
+            out = c["transformer"](model_in, encoder_hidden_states=torch.cat([neg, pos]),
+                                   encoder_attention_mask=torch.cat([neg_mask, pos_mask]),
+                                   timestep=torch.tensor([t, t, t, t]), added_cond_kwargs={"resolution": None,
+                                                                                           "aspect_ratio": None},
+                                   return_dict=False)[0]
+            uncond, cond = out.chunk(2)
+            eps = (uncond + guidance * (cond - uncond))[:, :4].double()
+            a_t = alphas_cumprod[t]
+            a_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
+            x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+            x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
+        image = c["vae"].decode(x.float() / c["vae"].config.scaling_factor).sample
+    image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    return [(im * 255).round().astype(np.uint8) for im in image]
+
+
+def test_ddim_matches_official_semantics(components, tmp_path):
+    c = components
+    latents = np.random.default_rng(2).standard_normal((2, 4, 8, 10)).astype(np.float32)
+    steps = 7  # 1000 is not divisible by 7: diffusers' DDIMScheduler would step elsewhere
+    expected = reference_ddim_loop(c, latents, 64, 80, steps, 4.5)
+    ours, _ = run_sample_py(c, tmp_path, latents, 64, 80, "--prompt", *PROMPTS, "--sampling_method", "ddim",
+                            "--sampling_steps", str(steps), "--use_resolution_binning", "False")
+    assert_images_close(ours, expected)
+
+
+def test_iddpm_seeded_metadata_and_no_overwrite(components, tmp_path):
+    c = components
+    base = ["--checkpoint", str(c["ckpt"]), "--vae_root", str(c["folder"] / "vae"), "--text_encoder_root",
+            str(c["folder"] / "text_encoder"), "--tokenizer_root", c["tokenizer_dir"], "--image_height", "64",
+            "--image_width", "64", "--sampling_method", "iddpm", "--sampling_steps", "8", "--seed", "5",
+            "--output_path", str(tmp_path / "out"), "--use_resolution_binning", "False"]
+    for extra in (["--prompt", PROMPTS[0], "--num_trials", "2", "--imagegrid", "True"], ["--prompt", PROMPTS[0]]):
+        proc = subprocess.run([sys.executable, "sample.py", *base, *extra], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert len(files) == 4 and files[2].startswith("00002-grid")
+    first, second, _, rerun = (tmp_path / "out" / f for f in files)
+    meta = Image.open(first).text
+    assert meta["prompt"] == PROMPTS[0] and meta["seed"] == "5" and meta["sampler"] == "iddpm"
+    assert meta["steps"] == "8" and meta["guidance_scale"] == "4.5" and meta["checkpoint"] == "transformer.ckpt"
+    assert Image.open(second).text["seed"] == "6"
+    a, b, r = (np.asarray(Image.open(p)) for p in (first, second, rerun))
+    assert np.array_equal(a, r), "the same seed must give the same image, alone or in a batch"
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 1, "different seeds gave the same image"
+
+
+def test_resolution_binning_matches_diffusers(tmp_path, shared_dir):
+    folder = tmp_path / "c"
+    tokenizer_dir = os.path.join(shared_dir, "t5_tokenizer")
+    t5, vae, transformer = build_components(folder, tokenizer_dir, sample_size=32)
+    ckpt = folder / "transformer.ckpt"
+    subprocess.run([sys.executable, "tools/convert.py", "--source", str(folder / "transformer"), "--target",
+                    str(ckpt), "--model_max_length", "300"], cwd=ROOT, check=True, capture_output=True)
+    c = dict(folder=folder, tokenizer_dir=tokenizer_dir, t5=t5, vae=vae, transformer=transformer, ckpt=ckpt)
+    from diffusers.image_processor import PixArtImageProcessor
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_256_BIN
+
+    height, width = 200, 300  # sampled at the nearest bucket of the 256 table, then resized and cropped back
+    bin_h, bin_w = PixArtImageProcessor.classify_height_width_bin(height, width, ASPECT_RATIO_256_BIN)
+    assert (bin_h, bin_w) != (height, width)
+    latents = np.random.default_rng(3).standard_normal((2, 4, bin_h // 8, bin_w // 8)).astype(np.float32)
+    pipe = diffusers_pipeline(c, dpm_scheduler())
+    expected = pipe(PROMPTS, height=height, width=width, num_inference_steps=4, guidance_scale=3.0,
+                    latents=torch.from_numpy(latents), output_type="pil", use_resolution_binning=True,
+                    clean_caption=False, max_sequence_length=300).images
+    ours, stdout = run_sample_py(c, tmp_path, latents, height, width, "--prompt", *PROMPTS, "--sampling_steps", "4",
+                                 "--guidance_scale", "3.0")
+    assert f"sampled at {bin_h}x{bin_w}" in stdout
+    assert_images_close(ours, [np.asarray(im) for im in expected])
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_bad_inputs_get_clear_messages(components, tmp_path):
+    c = components
+    models = ["--checkpoint", str(c["ckpt"]), "--vae_root", str(c["folder"] / "vae"), "--text_encoder_root",
+              str(c["folder"] / "text_encoder"), "--tokenizer_root", c["tokenizer_dir"]]
+    proc = run_cli("--prompt", "x", "--checkpoint", "models/none.ckpt", *models[2:])
+    assert proc.returncode == 1 and "does not exist" in proc.stderr and "tools/convert.py" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("--prompt", "x", *models[:2], "--vae_root", str(tmp_path / "novae"), *models[4:])
+    assert proc.returncode == 1 and "models/vae" in proc.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    proc = run_cli("--prompt_path", str(empty), *models)
+    assert proc.returncode == 1 and "no prompts" in proc.stderr
+    proc = run_cli("--prompt", "x", "--sampling_method", "euler", *models)
+    assert proc.returncode == 2 and "invalid choice: 'euler'" in proc.stderr
+    proc = run_cli("--prompt", "x", "--image_height", "100", "--use_resolution_binning", "False", *models)
+    assert proc.returncode == 1 and "multiples of 16" in proc.stderr and "Traceback" not in proc.stderr
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("sampling_steps: 10\nguidance: 3\n")
+    proc = run_cli("-c", str(cfg), "--prompt", "x", *models)
+    assert proc.returncode == 2 and "unknown key(s) guidance" in proc.stderr
+    proc = run_cli()
+    assert proc.returncode == 1 and "no prompt" in proc.stderr
+
+
+def test_help_lists_every_flag():
+    proc = run_cli("-h")
+    for flag in ("--checkpoint", "--vae_root", "--text_encoder_root", "--tokenizer_root", "--prompt", "--prompt_path",
+                 "--negative_prompt", "--batch_size", "--num_trials", "--image_height", "--image_width",
+                 "--use_resolution_binning", "--sampling_method", "--sampling_steps", "--guidance_scale", "--seed",
+                 "--latents", "--dtype", "--output_path", "--imagegrid"):
+        assert flag in proc.stdout, flag

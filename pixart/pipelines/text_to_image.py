@@ -218,10 +218,16 @@ class PixArtPipeline:
         return SamplingResult(to_uint8(images), (gen_h, gen_w), per_step, time.perf_counter() - start)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """(B, C, h, w) sampler latents -> (B, 3, H, W) float32 images in about [-1, 1]."""
+        """(B, C, h, w) sampler latents -> (B, 3, H, W) float32 images in about [-1, 1].
+
+        Images larger in area than the VAE's native size (1024² for SDXL: every 1024-MS bucket
+        fits) are decoded in blended tiles when ``tiled_decode`` is on, which bounds memory for
+        2K/4K; smaller ones are decoded whole, exactly as diffusers does.
+        """
         z = latents / np.float32(self.vae.scaling_factor) + np.float32(self.vae.shift_factor)
-        return np.concatenate([self.vae.decode(Tensor(z[i:i + 1]), tiled=self.tiled_decode).asnumpy()
-                               for i in range(len(z))])
+        native = self.vae.config.sample_size // self.vae_factor
+        tiled = self.tiled_decode and z.shape[2] * z.shape[3] > native * native
+        return np.concatenate([self.vae.decode(Tensor(z[i:i + 1]), tiled=tiled).asnumpy() for i in range(len(z))])
 
 
 def split_batches(n: int, batch_size: int) -> List[slice]:
