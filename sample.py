@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "checkpoint)")
     g.add_argument("--model_max_length", type=int,
                    help="T5 tokens (300 for Σ, 120 for α; default: the checkpoint's y_embedding length)")
+    g.add_argument("--kv_compress_layers", type=int, nargs="*",
+                   help="layers whose keys/values are compressed (conv-compressed checkpoints carry this themselves)")
+    g.add_argument("--kv_compress_sampling", choices=["conv", "ave", "uniform"],
+                   help="parameter-free KV compression (ave/uniform) for checkpoints trained without it")
+    g.add_argument("--kv_compress_ratio", type=int, help="KV compression factor per axis (default 2)")
     g.add_argument("--dtype", choices=DTYPES, default="fp32", help="compute dtype (CPU: fp32 only)")
     g.add_argument("--mode", choices=["graph", "pynative"], default="graph",
                    help="graph compiles the denoiser once per shape (fast); pynative runs eagerly (debugging)")
@@ -166,7 +171,10 @@ def main(argv=None) -> int:
         negative = TextEmbeddings(emb[-1:], mask[-1:])
         # stage 2: transformer + VAE
         transformer, config = load_pixart(args.checkpoint, dtype=dtype, input_size=args.sample_size,
-                                          pe_interpolation=args.pe_interpolation)
+                                          pe_interpolation=args.pe_interpolation,
+                                          kv_compress_layers=args.kv_compress_layers,
+                                          kv_compress_sampling=args.kv_compress_sampling,
+                                          kv_compress_ratio=args.kv_compress_ratio)
         if config.model_max_length != max_length:
             fail(f"--model_max_length {max_length} does not match the checkpoint's {config.model_max_length} tokens")
         vae = AutoencoderKL.from_pretrained(args.vae_root, dtype=dtype)

@@ -234,3 +234,15 @@ def test_help_lists_every_flag():
                  "--use_resolution_binning", "--sampling_method", "--sampling_steps", "--guidance_scale", "--seed",
                  "--latents", "--dtype", "--output_path", "--imagegrid"):
         assert flag in proc.stdout, flag
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs", "inference"))))
+def test_inference_configs_parse(name):
+    sys.path.insert(0, ROOT)
+    import sample
+    from pixart.utils.config import parse_with_config
+
+    args = parse_with_config(sample.build_parser(), ["-c", os.path.join(ROOT, "configs", "inference", name),
+                                                     "--prompt", "x"])
+    assert args.checkpoint.startswith("models/") and args.sampling_method == "dpm"
+    assert args.model_max_length in (120, 300) and args.image_height % 8 == 0
