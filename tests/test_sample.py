@@ -246,3 +246,30 @@ def test_inference_configs_parse(name):
                                                      "--prompt", "x"])
     assert args.checkpoint.startswith("models/") and args.sampling_method == "dpm"
     assert args.model_max_length in (120, 300) and args.image_height % 8 == 0
+
+
+def test_denoiser_compiles_once_per_shape(components):
+    """Steps, seeds, prompts and guidance values reuse one graph; a new shape adds one."""
+    from mindspore.graph import api
+
+    from pixart.models.autoencoder_kl import AutoencoderKL
+    from pixart.models.pixart_checkpoint import load_pixart
+    from pixart.pipelines.text_to_image import PixArtPipeline, TextEmbeddings
+
+    c = components
+    model, _ = load_pixart(str(c["ckpt"]))
+    pipe = PixArtPipeline(model, AutoencoderKL.from_pretrained(str(c["folder"] / "vae")))
+    rng = np.random.default_rng(0)
+
+    def text(n):
+        return TextEmbeddings(rng.standard_normal((n, 300, 32)).astype(np.float32), np.ones((n, 300), np.int64))
+
+    pipe(text(1), text(1), 64, 64, steps=3, guidance_scale=4.5, seeds=[0], use_resolution_binning=False,
+         progress=False)
+    compiled = len(api.ms_compile_cache)
+    for steps, guidance, seed in ((5, 2.0, 1), (4, 7.5, 2)):
+        pipe(text(1), text(1), 64, 64, sampling_method="ddim", steps=steps, guidance_scale=guidance, seeds=[seed],
+             use_resolution_binning=False, progress=False)
+    assert len(api.ms_compile_cache) == compiled
+    pipe(text(1), text(1), 64, 96, steps=2, seeds=[0], use_resolution_binning=False, progress=False)
+    assert len(api.ms_compile_cache) == compiled + 1
