@@ -58,24 +58,29 @@ def _read_header_and_offset(path: str):
 
 
 def load_file(path: str, names: Optional[Iterable[str]] = None) -> Dict[str, np.ndarray]:
-    """Load tensors (all, or those in ``names``) as NumPy arrays; bf16 becomes float32."""
+    """Load tensors (all, or those in ``names``) as NumPy arrays; bf16 becomes float32.
+
+    Each tensor is read straight into its own array rather than copied out of a memory map:
+    mapped file pages count in the process's resident memory until unmapped, which would
+    add a whole shard (GBs for T5-XXL) to the peak while loading."""
     header, data_start = _read_header_and_offset(path)
     wanted = header.keys() if names is None else names
-    data = np.memmap(path, dtype=np.uint8, mode="r")
     out = {}
-    for name in wanted:
-        info = header[name]
-        begin, end = info["data_offsets"]
-        buf = data[data_start + begin:data_start + end]
-        dtype = info["dtype"]
-        if dtype == "BF16":
-            arr = (np.frombuffer(buf, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif dtype in _NUMPY_DTYPES:
-            arr = np.frombuffer(buf, dtype=_NUMPY_DTYPES[dtype]).copy()
-        else:
-            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        out[name] = arr.reshape(info["shape"])
-    del data
+    with open(path, "rb") as f:
+        for name in wanted:
+            info = header[name]
+            begin, end = info["data_offsets"]
+            dtype = info["dtype"]
+            if dtype != "BF16" and dtype not in _NUMPY_DTYPES:
+                raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+            buf = np.empty(end - begin, dtype=np.uint8)
+            f.seek(data_start + begin)
+            f.readinto(buf)
+            if dtype == "BF16":
+                arr = (buf.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            else:
+                arr = buf.view(_NUMPY_DTYPES[dtype])
+            out[name] = arr.reshape(info["shape"])
     return out
 
 

@@ -1,0 +1,49 @@
+"""Frozen feature extractors of training: images -> VAE posterior, captions -> T5 embeddings.
+
+PixArt trains the transformer only; the VAE and T5 are frozen, so their outputs can be
+computed on the fly (``FeatureEncoder``) or once for the whole dataset
+(``tools/cache_features.py``), after which training needs neither model.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import numpy as np
+from mindspore import Tensor
+
+NULL_CAPTION_FILE = "null_caption.npz"
+
+
+class FeatureEncoder:
+    """T5 + VAE, frozen. ``max_length`` is the transformer's caption token count."""
+
+    def __init__(self, vae, tokenizer, text_encoder, max_length: int):
+        self.vae = vae
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.max_length = max_length
+
+    @classmethod
+    def from_folders(cls, vae_root: str, tokenizer_root: str, text_encoder_root: str, max_length: int):
+        from pixart.models.autoencoder_kl import AutoencoderKL
+        from pixart.models.t5 import T5Encoder
+        from pixart.models.text_encoder import load_tokenizer
+
+        return cls(AutoencoderKL.from_pretrained(vae_root), load_tokenizer(tokenizer_root),
+                   T5Encoder.from_pretrained(text_encoder_root), max_length)
+
+    def encode_images(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(B, 3, H, W) in [-1, 1] -> posterior (mean, std), each (B, C, H/f, W/f), unscaled."""
+        posterior = self.vae.encode(Tensor(images.astype(np.float32)))
+        return posterior.mean.asnumpy(), posterior.std.asnumpy()
+
+    def encode_captions(self, captions: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+        """B captions -> (embeddings (B, L, D) float32, mask (B, L) int32)."""
+        from pixart.models.text_encoder import encode_prompts
+
+        emb, mask = encode_prompts(captions, self.tokenizer, self.text_encoder, self.max_length)
+        return emb, mask.astype(np.int32)
+
+    def null_caption(self) -> np.ndarray:
+        """T5("") padded to ``max_length``, (L, D): the official finetuning's null caption."""
+        return self.encode_captions([""])[0][0]

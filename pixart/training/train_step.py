@@ -1,0 +1,148 @@
+"""The compiled training step.
+
+``update`` = forward (q_sample, transformer, IDDPM loss) + backward + all-reduce of the
+gradients across ranks + clipping by global norm + optimizer + EMA, as one graph per
+input shape (one per bucket). With gradient accumulation, ``accumulate`` runs forward and
+backward of the other micro-batches and adds their gradients to buffers that ``update``
+consumes. fp16 scales the loss dynamically and skips steps whose gradients overflow.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from pixart.diffusion.losses import IDDPMLoss
+from pixart.training.optim import EMA, clip_grad_norm, make_optimizer
+
+INPUT_ORDER = ("x0", "y", "mask", "t", "noise", "drop", "resolution", "aspect_ratio")
+
+_add_into = ops.MultitypeFuncGraph("add_into")
+_mean_and_clear = ops.MultitypeFuncGraph("mean_and_clear")
+
+
+@_add_into.register("Tensor", "Tensor")
+def _add_into_one(buffer, grad):
+    return ops.assign_add(buffer, grad)
+
+
+@_mean_and_clear.register("Number", "Tensor", "Tensor")
+def _mean_and_clear_one(count, buffer, grad):
+    """(buffered + this micro-batch's gradient) / count, and empty the buffer."""
+    total = (buffer + grad) / count
+    return ops.depend(total, ops.assign(buffer, ops.zeros_like(buffer)))
+
+
+def _optimizer_kwargs(args) -> dict:
+    kwargs = dict(lr=args.lr, weight_decay=args.weight_decay)
+    if args.betas:
+        kwargs["betas"] = tuple(args.betas)
+    if args.eps:
+        kwargs["eps"] = tuple(args.eps) if len(args.eps) > 1 else args.eps[0]
+    return kwargs
+
+
+class TrainStep:
+    def __init__(self, model, args, world: int = 1):
+        self.model = model
+        self.loss_fn = IDDPMLoss()
+        self.params = model.trainable_params()  # y_embedding is a frozen buffer, as officially
+        self.optimizer = make_optimizer(args.optimizer, self.params, **_optimizer_kwargs(args))
+        self.ema = EMA(self.params, args.ema_decay) if args.ema_decay > 0 else None
+        self.grad_clip = float(args.grad_clip) if args.grad_clip > 0 else float("inf")
+        self.accumulation = int(args.grad_accumulation)
+        if self.accumulation > 1:
+            self.accum = ms.ParameterTuple(
+                [Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"accum.{p.name}", requires_grad=False)
+                 for p in self.params])
+        self.reducer = nn.DistributedGradReducer(self.params, mean=True, degree=world) if world > 1 else None
+        self.loss_scaler = None
+        if args.dtype == "fp16":
+            self.loss_scaler = ms.amp.DynamicLossScaler(scale_value=args.loss_scale, scale_factor=2, scale_window=2000)
+        self.grad_fn = ms.value_and_grad(self._scaled_loss, None, self.params, has_aux=True)
+        self.hyper_map = ops.HyperMap()
+        graph = args.mode == "graph"
+        self._update = ms.jit(self._update_graph) if graph else self._update_graph
+        self._accumulate = ms.jit(self._accumulate_graph) if graph else self._accumulate_graph
+        model.set_train(True)
+
+    # ---------------------------------------------------------------- graph bodies
+    def _scaled_loss(self, x0, y, mask, t, noise, drop, resolution, aspect_ratio):
+        x_t = self.loss_fn.q_sample(x0, t, noise)
+        out = self.model(x_t, t, y, mask, resolution, aspect_ratio, drop)
+        loss, mse, vb = self.loss_fn(x0, t, noise, out)
+        loss, mse, vb = loss.mean(), mse.mean(), vb.mean()
+        scaled = loss if self.loss_scaler is None else self.loss_scaler.scale(loss)
+        return scaled, loss, mse, vb
+
+    def _accumulate_graph(self, x0, y, mask, t, noise, drop, resolution, aspect_ratio):
+        (_, loss, mse, vb), grads = self.grad_fn(x0, y, mask, t, noise, drop, resolution, aspect_ratio)
+        loss = ops.depend(loss, self.hyper_map(_add_into, self.accum, grads))
+        return loss, mse, vb
+
+    def _update_graph(self, x0, y, mask, t, noise, drop, resolution, aspect_ratio, lr):
+        (_, loss, mse, vb), grads = self.grad_fn(x0, y, mask, t, noise, drop, resolution, aspect_ratio)
+        if self.accumulation > 1:
+            grads = self.hyper_map(ops.partial(_mean_and_clear, float(self.accumulation)), self.accum, grads)
+        if self.reducer is not None:
+            grads = self.reducer(grads)
+        finite = True
+        if self.loss_scaler is not None:
+            grads = self.loss_scaler.unscale(grads)
+            finite = ms.amp.all_finite(grads)
+        grads, norm = clip_grad_norm(grads, self.grad_clip)
+        if finite:  # an overflowed fp16 step leaves weights, optimizer state and EMA untouched
+            loss = ops.depend(loss, self.optimizer(grads, lr))
+            if self.ema is not None:
+                loss = ops.depend(loss, self.ema())
+        if self.loss_scaler is not None:
+            loss = ops.depend(loss, self.loss_scaler.adjust(finite))
+        return loss, mse, vb, norm
+
+    # ---------------------------------------------------------------- host side
+    @staticmethod
+    def _tensors(inputs: Dict[str, np.ndarray]):
+        return [Tensor(inputs[k]) for k in INPUT_ORDER]
+
+    def accumulate(self, inputs: Dict[str, np.ndarray]) -> Dict[str, float]:
+        loss, mse, vb = self._accumulate(*self._tensors(inputs))
+        return {"loss": float(loss.asnumpy()), "mse": float(mse.asnumpy()), "vb": float(vb.asnumpy()),
+                "grad_norm": float("nan"), "loss_scale": self.loss_scale}
+
+    def update(self, inputs: Dict[str, np.ndarray], lr: float) -> Dict[str, float]:
+        loss, mse, vb, norm = self._update(*self._tensors(inputs), Tensor(np.float32(lr)))
+        return {"loss": float(loss.asnumpy()), "mse": float(mse.asnumpy()), "vb": float(vb.asnumpy()),
+                "grad_norm": float(norm.asnumpy()), "loss_scale": self.loss_scale}
+
+    @property
+    def loss_scale(self) -> float:
+        return 1.0 if self.loss_scaler is None else float(self.loss_scaler.scale_value.asnumpy())
+
+    def reset_ema(self):
+        if self.ema is not None:
+            self.ema.reset()
+
+    def ema_weights(self) -> Optional[Dict[str, np.ndarray]]:
+        """The model's weights with the trainable ones replaced by their EMA (None without EMA)."""
+        if self.ema is None:
+            return None
+        weights = {name: p.asnumpy() for name, p in self.model.parameters_and_names()}
+        for param, avg in zip(self.params, self.ema.averages):
+            weights[param.name] = avg.asnumpy()
+        return weights
+
+    def optimizer_state(self) -> Dict[str, np.ndarray]:
+        return {p.name: p.asnumpy() for p in self.optimizer.state_parameters()}
+
+    def load_state(self, optimizer: Dict[str, np.ndarray], ema: Optional[Dict[str, np.ndarray]], state: dict):
+        self.optimizer.load_state({k: Tensor(v) for k, v in optimizer.items()})
+        if self.loss_scaler is not None:
+            self.loss_scaler.scale_value.set_data(Tensor(np.float32(state["loss_scale"])))
+        if self.ema is not None:
+            if ema is None:
+                raise ValueError("the checkpoint has no EMA weights but --ema_decay is set")
+            for param, avg in zip(self.params, self.ema.averages):
+                avg.set_data(Tensor(ema[param.name]))
+

@@ -1,0 +1,154 @@
+"""A small MNIST-digit CNN: the judge of the miniature model's samples.
+
+Trained on the held-out real digits of ``tools/prepare_digits.py`` (which the generator
+never saw) with random shifts, it gives ``tools/evaluate_digits.py`` two things: the digit
+a generated image shows (prompt adherence) and a 128-d penultimate feature vector per
+image (the space of the Fréchet distance, as Inception's pool features are for FID).
+
+    (B, 1, 32, 32) grey in [0, 1]
+    -> 3 x [3x3 conv, ReLU, 2x2 max-pool]: 16, 32, 64 channels, 32 -> 4 pixels
+    -> Dense 1024 -> 128, ReLU (features) -> Dense 128 -> 10 (logits)
+
+The convolutions are the VAE's im2col ``Conv2d`` (MindSpore's CPU convolution kernel is
+about 10x slower). Weights are saved as ``model.safetensors`` + ``config.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Tuple
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+from PIL import Image
+from tqdm import tqdm
+
+from pixart.models.autoencoder_kl import Conv2d
+from pixart.utils.errors import ModelLoadError
+from pixart.utils.hf_folder import load_weights, read_config
+from pixart.utils.safetensors_io import save_file
+
+SIDE = 32
+MAX_SHIFT = 2  # pixels of random translation in training: the 2-pixel border of the 32x32 digits
+
+
+class DigitClassifier(nn.Cell):
+    """(B, 1, 32, 32) grey images in [0, 1] -> (B, 10) logits; ``features`` gives (B, feature_dim)."""
+
+    def __init__(self, width: int = 16, feature_dim: int = 128):
+        super().__init__()
+        self.config = {"width": width, "feature_dim": feature_dim}
+        chans = (1, width, 2 * width, 4 * width)
+        self.convs = nn.CellList([Conv2d(chans[i], chans[i + 1], 3, padding=1) for i in range(3)])
+        self.fc = nn.Dense(chans[-1] * (SIDE // 8) ** 2, feature_dim)
+        self.head = nn.Dense(feature_dim, 10)
+
+    def features(self, x):
+        for conv in self.convs:
+            x = ops.relu(conv(x))
+            b, c, h, w = x.shape
+            x = x.reshape(b, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+        return ops.relu(self.fc(x.reshape(x.shape[0], -1)))
+
+    def construct(self, x):
+        return self.head(self.features(x))
+
+
+def to_input(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) or (N, H, W) uint8 -> (N, 1, 32, 32) float32 grey in [0, 1] (resized if needed)."""
+    images = np.asarray(images)
+    grey = images.mean(axis=-1) if images.ndim == 4 else images.astype(np.float32)
+    if grey.shape[1:] != (SIDE, SIDE):
+        grey = np.stack([np.asarray(Image.fromarray(g.astype(np.float32)).resize((SIDE, SIDE), Image.BILINEAR))
+                         for g in grey])
+    return (grey / 255.0).astype(np.float32)[:, None]
+
+
+def _random_shifts(x: np.ndarray, rng) -> np.ndarray:
+    """Each image rolled by up to MAX_SHIFT pixels each way (only black border wraps around)."""
+    out = np.empty_like(x)
+    for i, (dy, dx) in enumerate(rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, size=(len(x), 2))):
+        out[i] = np.roll(x[i], (dy, dx), axis=(1, 2))
+    return out
+
+
+def _init_weights(model: DigitClassifier, seed: int) -> None:
+    """PyTorch's default initialisation, seeded (our Conv2d starts at zero)."""
+    rng = np.random.default_rng(seed)
+    params = dict(model.parameters_and_names())
+    for name, param in params.items():
+        fan_in = float(np.prod(params[name.rsplit(".", 1)[0] + ".weight"].shape[1:]))
+        param.set_data(Tensor(rng.uniform(-1, 1, param.shape).astype(np.float32) * fan_in ** -0.5))
+
+
+def train_classifier(images: np.ndarray, digits: np.ndarray, epochs: int = 40, batch_size: int = 50,
+                     lr: float = 2e-3, seed: int = 0) -> DigitClassifier:
+    """Train on (N, H, W, 3) uint8 images and their (N,) digits; returns the model in eval mode."""
+    x, y = to_input(images), np.asarray(digits, np.int32)
+    model = DigitClassifier()
+    _init_weights(model, seed)
+    optimizer = nn.Adam(model.trainable_params(), learning_rate=lr, weight_decay=1e-4)
+    loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+
+    def loss_of(xb, yb):
+        return loss_fn(model(xb), yb)
+
+    grad_fn = ms.value_and_grad(loss_of, None, optimizer.parameters)
+
+    @ms.jit
+    def step(xb, yb):
+        loss, grads = grad_fn(xb, yb)
+        optimizer(grads)
+        return loss
+
+    model.set_train(True)
+    rng = np.random.default_rng(seed)
+    steps = len(x) // batch_size  # whole batches only: one compiled shape
+    bar = tqdm(range(epochs), desc="training digit classifier", unit="epoch")
+    for _ in bar:
+        order = rng.permutation(len(x))
+        shifted = _random_shifts(x, rng)
+        losses = [float(step(Tensor(shifted[idx]), Tensor(y[idx])))
+                  for idx in np.split(order[:steps * batch_size], steps)]
+        bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+    model.set_train(False)
+    return model
+
+
+def predict(model: DigitClassifier, images: np.ndarray, batch_size: int = 250) -> Tuple[np.ndarray, np.ndarray]:
+    """(N, H, W, 3) uint8 -> (predicted digits (N,) int64, penultimate features (N, feature_dim) float32)."""
+    x = to_input(images)
+
+    @ms.jit
+    def forward(xb):
+        f = model.features(xb)
+        return model.head(f), f
+
+    logits, feats = [], []
+    for start in range(0, len(x), batch_size):
+        lg, f = forward(Tensor(x[start:start + batch_size]))
+        logits.append(lg.asnumpy())
+        feats.append(f.asnumpy())
+    return np.concatenate(logits).argmax(axis=1), np.concatenate(feats)
+
+
+def save_classifier(model: DigitClassifier, folder: str, **info) -> None:
+    """``config.json`` (sizes plus ``info``, e.g. the accuracy) and ``model.safetensors``."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**model.config, **info}, f, indent=2, sort_keys=True)
+        f.write("\n")
+    tensors = {name: p.asnumpy() for name, p in sorted(model.parameters_and_names())}
+    save_file(tensors, os.path.join(folder, "model.safetensors"))
+
+
+def load_classifier(folder: str) -> DigitClassifier:
+    config = read_config(folder, "digit classifier")
+    try:
+        model = DigitClassifier(int(config["width"]), int(config["feature_dim"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"digit classifier: {folder}/config.json needs integer width and feature_dim ({e})")
+    load_weights(model, folder, "model")
+    model.set_train(False)
+    return model

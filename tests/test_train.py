@@ -1,0 +1,161 @@
+"""train.py on small synthetic images in several aspect ratios with a tiny model.
+
+The VAE and T5 are tiny random diffusers/transformers models saved as real folders; the
+tokenizer is the real T5 one from ../shared. Features are cached once per module (the
+cache tool is itself under test) so most runs train from the cache.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import ROOT
+
+TINY_MODEL = {"depth": 2, "hidden_size": 64, "num_heads": 4, "caption_channels": 32, "model_max_length": 16,
+              "input_size": 8, "pe_interpolation": 0.125}
+SIZES = [(64, 64)] * 4 + [(48, 80)] * 4 + [(80, 48)] * 4  # three buckets of four images
+
+
+def make_images(folder, sizes=SIZES, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder / "images", exist_ok=True)
+    records = []
+    for i, (h, w) in enumerate(sizes):
+        img = np.zeros((h, w, 3), np.uint8)
+        img[:] = rng.integers(0, 255, 3)
+        y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        img[y0:y0 + h // 3, x0:x0 + w // 3] = 255 - img[0, 0]
+        name = f"img{i:02d}.png"
+        Image.fromarray(img).save(folder / "images" / name)
+        records.append({"path": name, "prompt": f"a square number {i}", "sharegpt4v": f"a picture {i}",
+                        "height": h, "width": w, "ratio": h / w})
+    with open(folder / "labels.json", "w") as f:
+        json.dump(records, f)
+    return folder / "labels.json", folder / "images"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, shared_dir):
+    from diffusers import AutoencoderKL
+    from transformers import T5Config, T5EncoderModel
+
+    folder = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=32128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                            feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval().save_pretrained(folder / "t5")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+                  block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256).eval().save_pretrained(folder / "vae")
+    labels, images = make_images(folder)
+    config = folder / "tiny.yaml"
+    config.write_text("\n".join([
+        f"json_path: {labels}", f"image_dir: {images}", f"vae_root: {folder / 'vae'}",
+        f"text_encoder_root: {folder / 't5'}", f"tokenizer_root: {os.path.join(shared_dir, 't5_tokenizer')}",
+        f"model_config: '{json.dumps(TINY_MODEL)}'", "image_size: 64", "multi_scale: true", "batch_size: 4",
+        "optimizer: adamw", "lr: 1.0e-3", "weight_decay: 0.0", "betas: [0.9, 0.999]", "eps: [1.0e-8]",
+        "warmup_steps: 0", "grad_clip: 1.0", "ema_decay: 0.99", "log_every: 1", "tensorboard: false",
+        "progress: false", "num_workers: 0"]) + "\n")
+    cache = folder / "cache"
+    run_tool("tools/cache_features.py", "-c", config, "--feature_cache", cache)
+    return {"folder": folder, "config": config, "cache": cache}
+
+
+def run_tool(script, *args, env=None, check=True):
+    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def train(ws, output, *args, check=True):
+    return run_tool("train.py", "-c", ws["config"], "--output_path", output, *args, check=check)
+
+
+def final_weights(output, step):
+    from pixart.models.pixart_checkpoint import read_mindspore_checkpoint
+    return read_mindspore_checkpoint(os.path.join(output, "checkpoints", f"step-{step:08d}", "model.ckpt"))[0]
+
+
+def max_diff(a, b):
+    assert sorted(a) == sorted(b)
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def read_log(output):
+    import csv
+    with open(os.path.join(output, "train_log.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_loss_goes_down(workspace, tmp_path):
+    out = tmp_path / "run"
+    train(workspace, out, "--feature_cache", workspace["cache"], "--max_steps", "300", "--ckpt_every", "1000")
+    losses = np.array([float(r["loss"]) for r in read_log(out)])
+    assert len(losses) == 300
+    first, last = losses[:30].mean(), losses[-30:].mean()
+    assert last < 0.7 * first, f"loss did not fall: first 30 steps {first:.4f}, last 30 {last:.4f}"
+    assert os.path.isfile(out / "checkpoints" / "step-00000300" / "ema.ckpt")
+
+
+def test_images_and_cache_train_the_same(workspace, tmp_path):
+    a, b = tmp_path / "images", tmp_path / "cache"
+    train(workspace, a, "--max_steps", "3")
+    train(workspace, b, "--feature_cache", workspace["cache"], "--max_steps", "3")
+    assert max_diff(final_weights(a, 3), final_weights(b, 3)) < 1e-5
+
+
+def test_kill_and_resume_matches_uninterrupted(workspace, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    common = ["--feature_cache", workspace["cache"], "--max_steps", "8", "--ckpt_every", "2", "--keep_last", "2"]
+    train(workspace, straight, *common)
+    proc = subprocess.Popen([sys.executable, "train.py", "-c", str(workspace["config"]), "--output_path",
+                             str(interrupted), *map(str, common)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    target = interrupted / "checkpoints" / "step-00000004"
+    deadline = time.time() + 600
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists()
+    assert not (interrupted / "checkpoints" / "step-00000008").exists(), "the run finished before it was killed"
+    train(workspace, interrupted, *common, "--resume", "latest")
+    assert max_diff(final_weights(straight, 8), final_weights(interrupted, 8)) < 1e-6
+    steps = [int(r["step"]) for r in read_log(interrupted)]
+    assert steps == list(range(1, 9)), steps
+    assert len(os.listdir(interrupted / "checkpoints")) == 2  # keep_last
+
+
+def test_two_workers_match_one_process(workspace, tmp_path):
+    single, parallel = tmp_path / "single", tmp_path / "parallel"
+    common = ["--feature_cache", workspace["cache"], "--max_steps", "4", "--ckpt_every", "4"]
+    train(workspace, single, *common, "--batch_size", "4")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    logs = tmp_path / "msrun_logs"
+    proc = subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--log_dir={logs}", "--join=True",
+                           "train.py", "-c", str(workspace["config"]), "--output_path", str(parallel), *map(str, common),
+                           "--batch_size", "2", "--use_parallel", "True"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    worker_logs = {f: open(os.path.join(logs, f)).read() for f in os.listdir(logs) if f.startswith("worker")}
+    assert proc.returncode == 0, proc.stderr[-2000:] + "\n".join(v[-2000:] for v in worker_logs.values())
+    assert max_diff(final_weights(single, 4), final_weights(parallel, 4)) < 1e-5
+    checksums = {line.split("checksum")[1].strip() for text in worker_logs.values()
+                 for line in text.splitlines() if "weights checksum" in line}
+    assert len(worker_logs) == 2 and len(checksums) == 1, checksums
+
+
+def test_bad_config_key_and_missing_data(workspace, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(workspace["config"].read_text() + "learning_rate: 0.1\n")
+    proc = run_tool("train.py", "-c", bad, check=False)
+    assert proc.returncode == 2 and "unknown key(s) learning_rate" in proc.stderr
+    proc = train(workspace, tmp_path / "x", "--image_dir", tmp_path / "nowhere", check=False)
+    assert proc.returncode == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
