@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Training speed: our compiled train step vs PyTorch, and train.py with vs without the feature cache.
+
+Part 1 — one optimizer step (forward + loss + backward + optimizer) of XL/2 at 256px, batch 2,
+fp32: diffusers' PixArtTransformer2DModel + torch.optim.AdamW against our graph-mode step with
+AdamW (and CAME, what PixArt-Σ uses). Each runs in its own process (both at once would not fit
+in memory), same machine, one run; medians after warm-up.
+
+Part 2 — images/s of train.py on a small synthetic dataset with the VAE and a T5 encoder
+run on the fly versus read from tools/cache_features.py's cache (mid-size random models: an
+SDXL-sized VAE and a T5-base-sized encoder; with T5-XXL the gap is far larger).
+
+    python benchmarks/bench_train.py             # both parts
+    python benchmarks/bench_train.py --part 1 --steps 5
+"""
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+          cross_attention_dim=1152, sample_size=32, patch_size=2, caption_channels=4096, interpolation_scale=0.5,
+          use_additional_conditions=False)
+
+
+def batch(seed=0):
+    rng = np.random.default_rng(seed)
+    return dict(x0=rng.standard_normal((2, 4, 32, 32)).astype(np.float32),
+                y=rng.standard_normal((2, 300, 4096)).astype(np.float32),
+                mask=np.repeat((np.arange(300) < 40)[None], 2, 0).astype(np.int32),
+                t=rng.integers(0, 1000, 2).astype(np.int32),
+                noise=rng.standard_normal((2, 4, 32, 32)).astype(np.float32),
+                drop=np.zeros(2, bool), resolution=np.zeros((2, 2), np.float32),
+                aspect_ratio=np.ones((2, 1), np.float32))
+
+
+def torch_step_times(steps):
+    """diffusers model, eps-MSE + learned-variance output, torch AdamW."""
+    import torch
+    from diffusers import PixArtTransformer2DModel
+
+    torch.set_num_threads(os.cpu_count())
+    model = PixArtTransformer2DModel(**XL).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=3e-2, eps=1e-10)
+    b = {k: torch.from_numpy(v) for k, v in batch().items()}
+    alphas = torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))).float()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        a = alphas[b["t"].long()].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * b["x0"] + (1 - a).sqrt() * b["noise"]
+        out = model(x_t, encoder_hidden_states=b["y"], encoder_attention_mask=b["mask"], timestep=b["t"],
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+        loss = ((out[:, :4] - b["noise"]) ** 2).mean() + out[:, 4:].square().mean() * 1e-3
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def ours_step_times(steps, optimizer):
+    import mindspore as ms
+    from pixart.models.pixart import PixArtConfig, build_model
+    from pixart.training.train_step import TrainStep
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.set_device("CPU")
+    model = build_model(PixArtConfig(input_size=32, pe_interpolation=0.5, multi_scale=False))
+    args = argparse.Namespace(optimizer=optimizer, lr=2e-5, weight_decay=0.0 if optimizer == "came" else 3e-2,
+                              betas=None, eps=None if optimizer == "came" else [1e-10], ema_decay=0.0,
+                              grad_clip=0.01, grad_accumulation=1, dtype="fp32", loss_scale=1.0, mode="graph")
+    step = TrainStep(model, args)
+    b = batch()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step.update(b, 2e-5)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def part1(steps):
+    rows = []
+    for name, code in (("PyTorch (diffusers + torch AdamW)", f"torch_step_times({steps})"),
+                       ("ours, graph mode, AdamW", f"ours_step_times({steps}, 'adamw')"),
+                       ("ours, graph mode, CAME", f"ours_step_times({steps}, 'came')")):
+        out = subprocess.run([sys.executable, "-c", f"import json, sys; sys.path.insert(0, {ROOT!r}); "
+                              f"from benchmarks.bench_train import *; print('TIMES', json.dumps({code}))"],
+                             cwd=ROOT, capture_output=True, text=True)
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("TIMES")]
+        if not line:
+            raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+        times = json.loads(line[0][6:])
+        rows.append((name, times[0], statistics.median(times[2:] or times[1:])))
+    base = rows[0][2]
+    print(f"\nTrain step, XL/2 256px, batch 2, fp32, {os.cpu_count()} threads (median of steps 3..{steps})")
+    print("| implementation | first step incl. compile (s) | step (s) | ratio to PyTorch |")
+    print("|---|---|---|---|")
+    for name, first, med in rows:
+        print(f"| {name} | {first:.1f} | {med:.2f} | {med / base:.2f} |")
+
+
+def part2(steps):
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import T5Config, T5EncoderModel
+
+    from tests.test_train import make_images
+
+    work = tempfile.mkdtemp(prefix="bench-train-")
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
+                            feed_forward_proj="gated-gelu")).eval().save_pretrained(os.path.join(work, "t5"))
+    AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  sample_size=1024).eval().save_pretrained(os.path.join(work, "vae"))
+    from pathlib import Path
+    labels, images = make_images(Path(work), sizes=[(256, 256)] * 16)
+    model = {"depth": 6, "hidden_size": 384, "num_heads": 6, "caption_channels": 768, "model_max_length": 120,
+             "input_size": 32, "pe_interpolation": 0.5}
+    tokenizer = os.path.join(os.path.dirname(ROOT), "shared", "t5_tokenizer")
+    common = ["--json_path", labels, "--image_dir", images, "--vae_root", f"{work}/vae",
+              "--text_encoder_root", f"{work}/t5", "--tokenizer_root", tokenizer, "--model_config", json.dumps(model),
+              "--image_size", "256", "--batch_size", "4", "--max_steps", str(steps), "--log_every", "1",
+              "--tensorboard", "False", "--progress", "False", "--ckpt_every", "100000", "--optimizer", "adamw",
+              "--warmup_steps", "0", "--num_workers", "2"]
+    subprocess.run([sys.executable, "tools/cache_features.py", *common, "--feature_cache", f"{work}/cache"],
+                   cwd=ROOT, check=True, capture_output=True)
+    rates = {}
+    for name, extra in (("on the fly (VAE + T5 every step)", []), ("feature cache", ["--feature_cache",
+                                                                                     f"{work}/cache"])):
+        out = f"{work}/run-{len(rates)}"
+        subprocess.run([sys.executable, "train.py", *common, "--output_path", out, *extra], cwd=ROOT, check=True,
+                       capture_output=True)
+        with open(f"{out}/train_log.csv") as f:
+            rows = list(csv.DictReader(f))
+        rates[name] = statistics.median(float(r["images_per_s"]) for r in rows[2:])
+    base = rates["on the fly (VAE + T5 every step)"]
+    print(f"\ntrain.py images/s, 256px, batch 4, small transformer, SDXL-sized VAE, T5-base-sized encoder")
+    print("| features | images/s | speed-up |")
+    print("|---|---|---|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:.2f} | {rate / base:.1f}x |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", type=int, choices=[1, 2], help="run only one part")
+    ap.add_argument("--steps", type=int, default=6, help="steps per measurement")
+    args = ap.parse_args()
+    if args.part in (None, 1):
+        part1(args.steps)
+    if args.part in (None, 2):
+        part2(args.steps)
+
+
+if __name__ == "__main__":
+    main()
