@@ -127,6 +127,30 @@ def load_latents(path: str, n: int):
     return np.broadcast_to(latents, (n,) + latents.shape[1:]).copy()
 
 
+def setup_device(args):
+    """Select the MindSpore device; return (device target, compute dtype). Exits on a dtype the device lacks."""
+    import mindspore as ms
+    from pixart.utils.config import fail
+
+    if args.device:
+        ms.set_device(args.device)
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # the denoiser compiles itself with ms.jit in graph mode
+    device = ms.get_context("device_target")
+    if device == "CPU" and args.dtype != "fp32":
+        fail(f"--dtype {args.dtype} is not supported on CPU (MindSpore's CPU matmuls are fp32); use --dtype fp32")
+    return device, {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[args.dtype]
+
+
+def load_transformer(args, dtype):
+    """The PixArt transformer of --checkpoint with the architecture flags applied; (model, config).
+    Raises ModelLoadError."""
+    from pixart.models.pixart_checkpoint import load_pixart
+
+    return load_pixart(args.checkpoint, dtype=dtype, input_size=args.sample_size,
+                       pe_interpolation=args.pe_interpolation, kv_compress_layers=args.kv_compress_layers,
+                       kv_compress_sampling=args.kv_compress_sampling, kv_compress_ratio=args.kv_compress_ratio)
+
+
 def main(argv=None) -> int:
     args = parse_with_config(build_parser(), argv)
     from pixart.utils.config import fail
@@ -140,19 +164,13 @@ def main(argv=None) -> int:
 
     import mindspore as ms
     from pixart.models.autoencoder_kl import AutoencoderKL
-    from pixart.models.pixart_checkpoint import load_pixart, read_config
-    from pixart.models.text_encoder import encode_prompts_staged, load_tokenizer
+    from pixart.models.pixart_checkpoint import read_config
+    from pixart.models.text_encoder import encode_prompts_staged, load_tokenizer, normalize_prompt
     from pixart.pipelines.text_to_image import PixArtPipeline, TextEmbeddings, split_batches
     from pixart.utils.errors import ModelLoadError
     from pixart.utils.images import make_grid, save_png, slug
 
-    if args.device:
-        ms.set_device(args.device)
-    ms.set_context(mode=ms.PYNATIVE_MODE)  # the denoiser compiles itself with ms.jit in graph mode
-    device = ms.get_context("device_target")
-    if device == "CPU" and args.dtype != "fp32":
-        fail(f"--dtype {args.dtype} is not supported on CPU (MindSpore's CPU matmuls are fp32); use --dtype fp32")
-    dtype = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[args.dtype]
+    device, dtype = setup_device(args)
 
     jobs = [(p, k) for p in prompts for k in range(args.num_trials)]
     base_seed = args.seed if args.seed is not None else int(np.random.SeedSequence().generate_state(1)[0] % 2**31)
@@ -165,16 +183,12 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(args.tokenizer_root)
         print(f"encoding {len(prompts)} prompt(s) with T5 ({max_length} tokens) ...")
         t_dtype = ms.float32 if device == "CPU" else dtype
-        emb, mask = encode_prompts_staged(prompts + [args.negative_prompt], args.text_encoder_root, tokenizer,
-                                          max_length, dtype=t_dtype)
+        texts = [normalize_prompt(p) for p in prompts + [args.negative_prompt]]
+        emb, mask = encode_prompts_staged(texts, args.text_encoder_root, tokenizer, max_length, dtype=t_dtype)
         text = TextEmbeddings(emb[:-1], mask[:-1])
         negative = TextEmbeddings(emb[-1:], mask[-1:])
         # stage 2: transformer + VAE
-        transformer, config = load_pixart(args.checkpoint, dtype=dtype, input_size=args.sample_size,
-                                          pe_interpolation=args.pe_interpolation,
-                                          kv_compress_layers=args.kv_compress_layers,
-                                          kv_compress_sampling=args.kv_compress_sampling,
-                                          kv_compress_ratio=args.kv_compress_ratio)
+        transformer, config = load_transformer(args, dtype)
         if config.model_max_length != max_length:
             fail(f"--model_max_length {max_length} does not match the checkpoint's {config.model_max_length} tokens")
         vae = AutoencoderKL.from_pretrained(args.vae_root, dtype=dtype)

@@ -18,7 +18,7 @@ from PIL import Image
 from tests import torch_pixart as ref
 from tests.conftest import ROOT
 
-PROMPTS = ["a red apple on a table", "an astronaut riding a horse on the moon, oil painting"]
+PROMPTS = ["a red apple on a table", "An Astronaut riding a horse on the Moon, oil painting "]
 
 
 def build_components(folder, tokenizer_dir, sample_size=8, seed=0):

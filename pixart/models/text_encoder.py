@@ -44,6 +44,13 @@ def load_tokenizer(folder: str):
         raise ModelLoadError(f"T5 tokenizer: cannot load {folder!r} (found {found}): {e}") from None
 
 
+def normalize_prompt(prompt: str) -> str:
+    """What diffusers' PixArt pipelines do to a prompt before tokenizing it (without their optional
+    bs4/ftfy caption cleaning): lowercase and strip. T5's tokenizer is case-sensitive, so this
+    is needed for the same embeddings."""
+    return prompt.lower().strip()
+
+
 def tokenize(prompts: Prompts, tokenizer, max_length: int) -> Tuple[np.ndarray, np.ndarray]:
     """Token ids and attention mask, both (B, max_length) int64, padded and truncated.
 
