@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Web demo: PixArt-Σ / PixArt-α text-to-image in the browser (gradio), on MindSpore.
+
+    python gradio_demo.py            # the bundled digits model, open http://localhost:7788
+    python gradio_demo.py --checkpoint models/PixArt-Sigma-XL-2-1024-MS.ckpt --vae_root models/vae \\
+        --text_encoder_root models/text_encoder --tokenizer_root models/tokenizer --image_height 1024 --image_width 1024
+    python gradio_demo.py -c configs/inference/pixart-sigma-512-MS.yaml
+
+The flags and configs are sample.py's: a config made for sample.py works here as it is. With neither
+-c nor --checkpoint, configs/inference/pixart-digits.yaml is used. Models are loaded once at start;
+the T5 text encoder stays loaded because every request encodes its prompt (T5-v1.1-XXL: about 19 GB
+in fp32, 9.5 GB in fp16/bf16, on top of the transformer and VAE). Requests wait in a queue and run one
+at a time. Every image is saved with its settings in the PNG metadata to --output_path, never
+overwriting. sample.py flags that make no sense in a page (--prompt_path, --latents, --batch_size,
+--imagegrid, --num_trials) are accepted, so configs load, but are ignored; --prompt, --negative_prompt,
+--seed, --image_height/--image_width, --sampling_* and --guidance_scale fill the form.
+"""
+import argparse
+import os
+import sys
+
+import sample
+from pixart.utils.config import fail, parse_with_config, str2bool
+
+DEFAULT_CONFIG = "configs/inference/pixart-digits.yaml"
+IGNORED_FLAGS = ("prompt_path", "latents", "batch_size", "imagegrid", "num_trials")
+FORM_FLAGS = ("prompt", "negative_prompt", "image_height", "image_width", "sampling_method", "sampling_steps",
+              "guidance_scale", "seed")
+
+
+def build_parser():
+    p = sample.build_parser()
+    p.description = __doc__
+    p.prog = "gradio_demo.py"
+    for action in p._actions:
+        if action.dest in IGNORED_FLAGS:  # parseable, since configs set them, but out of -h
+            action.help = argparse.SUPPRESS
+        elif action.dest in FORM_FLAGS:
+            action.help += "; here: the form's initial value"
+    g = p.add_argument_group("web demo")
+    g.add_argument("--port", type=int, default=7788, help="port to serve the page on (default %(default)s)")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s: this machine only; 0.0.0.0: the network)")
+    g.add_argument("--share", type=str2bool, nargs="?", const=True, default=False,
+                   help="also publish a temporary public gradio.live link (needs internet access; default off)")
+    g.add_argument("--max_images", type=int, default=4,
+                   help="most images one request may ask for (default %(default)s)")
+    g.add_argument("--queue_size", type=int, default=32,
+                   help="most requests waiting at once (default %(default)s); more are refused until the queue drains")
+    return p
+
+
+def parse_args(argv):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = {a.split("=")[0] for a in argv}
+    if not given & {"-c", "--config", "--checkpoint", "-h", "--help"}:
+        # nothing says which model: serve the bundled one (a plain `python gradio_demo.py` must just work)
+        if not os.path.isfile(DEFAULT_CONFIG):
+            fail(f"no model given and the bundled {DEFAULT_CONFIG} is missing; pass -c CONFIG or --checkpoint "
+                 f"and the model folders (see -h)")
+        argv = ["-c", DEFAULT_CONFIG] + argv
+    args = parse_with_config(build_parser(), argv)
+    if args.max_images < 1 or args.queue_size < 1:
+        fail("--max_images and --queue_size must be at least 1")
+    return args
+
+
+def load_generator(args):
+    """Load tokenizer, T5, transformer and VAE once; exit with a message if any is missing or broken."""
+    from pixart.models.autoencoder_kl import AutoencoderKL
+    from pixart.models.t5 import T5Encoder
+    from pixart.models.text_encoder import load_tokenizer
+    from pixart.pipelines.demo import DemoGenerator
+    from pixart.pipelines.text_to_image import PixArtPipeline
+    from pixart.utils.errors import ModelLoadError
+
+    sample.check_paths(args)
+    device, dtype = sample.setup_device(args)
+    import mindspore as ms
+    try:
+        print("loading the models ...")
+        transformer, config = sample.load_transformer(args, dtype)
+        max_length = args.model_max_length or config.model_max_length
+        if max_length != config.model_max_length:
+            fail(f"--model_max_length {max_length} does not match the checkpoint's {config.model_max_length} tokens")
+        vae = AutoencoderKL.from_pretrained(args.vae_root, dtype=dtype)
+        tokenizer = load_tokenizer(args.tokenizer_root)
+        # CPU matmuls are fp32 only, as in sample.py
+        text_encoder = T5Encoder.from_pretrained(args.text_encoder_root, dtype=ms.float32 if device == "CPU" else dtype)
+    except ModelLoadError as e:
+        fail(str(e))
+    pipeline = PixArtPipeline(transformer, vae, graph=args.mode == "graph", tiled_decode=args.tiled_decode)
+    return DemoGenerator(tokenizer, text_encoder, max_length, pipeline, args.output_path,
+                         os.path.basename(args.checkpoint), args.use_resolution_binning, args.max_images)
+
+
+def build_page(generator, args):
+    import gradio as gr
+
+    from pixart.pipelines.demo import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, SAMPLERS, Request, RequestError
+
+    limits = generator.size_limits
+    ratios = generator.aspect_ratios()
+
+    def clamp_side(value):
+        value = int(round(value / limits.step) * limits.step)
+        return min(max(value, limits.minimum), limits.maximum)
+
+    def whole(value):
+        # sliders and number boxes send floats; the generator wants whole numbers and says so otherwise
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
+    def run(prompt, negative_prompt, sampler, steps, guidance, seed, randomize, width, height, num_images,
+            progress=gr.Progress()):
+        request = Request(prompt=prompt, negative_prompt=negative_prompt or "", sampling_method=sampler,
+                          steps=whole(steps), guidance_scale=guidance, seed=None if randomize else whole(seed),
+                          height=whole(height), width=whole(width), num_images=whole(num_images))
+        try:
+            result = generator.generate(request, on_progress=lambda fraction, what: progress(fraction, desc=what))
+        except RequestError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        return result.paths, result.seed, result.info
+
+    def pick_ratio(choice):
+        if choice not in ratios:  # "custom": leave the sliders alone
+            return gr.update(), gr.update()
+        h, w = ratios[choice]
+        return gr.update(value=w), gr.update(value=h)
+
+    # delete_cache: gradio serves each result from a copy in its cache; drop copies older than a day, hourly,
+    # so a long-running demo does not fill the disk (the originals stay in --output_path)
+    with gr.Blocks(title="PixArt-Σ on MindSpore", analytics_enabled=False, delete_cache=(3600, 86400)) as page:
+        gr.Markdown(f"## PixArt-Σ on MindSpore\nModel `{args.checkpoint}`, trained at "
+                    f"{generator.base_size}x{generator.base_size}. Images are saved with their settings to "
+                    f"`{os.path.abspath(args.output_path)}`.")
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", lines=2, value=(args.prompt or [""])[0], elem_id="prompt",
+                                    placeholder="what to draw")
+                negative = gr.Textbox(label="Negative prompt", value=args.negative_prompt, elem_id="negative_prompt",
+                                      placeholder="what to steer away from (optional)")
+                with gr.Row():
+                    sampler = gr.Radio(list(SAMPLERS), value=args.sampling_method, label="Sampler", elem_id="sampler",
+                                       info="dpm: DPM-Solver++; ddim; iddpm: ancestral (needs more steps)")
+                    steps = gr.Slider(1, MAX_STEPS, value=min(args.sampling_steps, MAX_STEPS), step=1, label="Steps",
+                                      elem_id="steps")
+                guidance = gr.Slider(0, MAX_GUIDANCE, value=args.guidance_scale, step=0.1, label="Guidance scale",
+                                     info="classifier-free guidance; 1 or less turns it off", elem_id="guidance")
+                with gr.Row():
+                    seed = gr.Number(value=args.seed if args.seed is not None else 0, precision=0, minimum=0,
+                                     maximum=MAX_SEED, label="Seed", elem_id="seed")
+                    randomize = gr.Checkbox(value=args.seed is None, label="Randomize seed", elem_id="randomize")
+                aspect = gr.Dropdown(["custom"] + list(ratios), value="custom", label="Aspect ratio",
+                                     info="the model's trained sizes; sets width and height", elem_id="aspect")
+                with gr.Row():
+                    width = gr.Slider(limits.minimum, limits.maximum, value=clamp_side(args.image_width),
+                                      step=limits.step, label="Width", elem_id="width")
+                    height = gr.Slider(limits.minimum, limits.maximum, value=clamp_side(args.image_height),
+                                       step=limits.step, label="Height", elem_id="height")
+                num_images = gr.Slider(1, generator.max_images, value=1, step=1, label="Number of images",
+                                       elem_id="num_images")
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column():
+                gallery = gr.Gallery(label="Images", columns=2, height=600, object_fit="contain",
+                                     elem_id="gallery")
+                seed_used = gr.Number(label="Seed used (image k used seed + k)", precision=0, interactive=False,
+                                      elem_id="seed_used")
+                info = gr.Textbox(label="Info", interactive=False, elem_id="info")
+        aspect.change(pick_ratio, aspect, [width, height], queue=False)
+        inputs = [prompt, negative, sampler, steps, guidance, seed, randomize, width, height, num_images]
+        gr.on([generate.click, prompt.submit], run, inputs, [gallery, seed_used, info])
+    # one request at a time: there is a single copy of the models; the others wait their turn in the queue
+    page.queue(default_concurrency_limit=1, max_size=args.queue_size)
+    return page
+
+
+def page_css(generator) -> str:
+    # images of small models (the 32 px digits) are shown many times enlarged: keep their pixels sharp
+    return "#gallery img { image-rendering: pixelated; }" if generator.base_size < 256 else ""
+
+
+def main(argv=None) -> int:
+    # no telemetry and no version check: the demo must start the same with or without internet
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    args = parse_args(argv)
+    generator = load_generator(args)
+    page = build_page(generator, args)
+    os.makedirs(args.output_path, exist_ok=True)
+    try:
+        page.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+                    allowed_paths=[os.path.abspath(args.output_path)], ssr_mode=False, css=page_css(generator))
+    except OSError as e:  # the port is taken or the address is not this machine's
+        fail(f"cannot serve on {args.host}:{args.port}: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

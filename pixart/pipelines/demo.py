@@ -1,0 +1,171 @@
+"""The web demo's model side: models loaded once, a request checked, images generated and saved.
+
+Kept apart from ``gradio_demo.py`` (the page) so that it has no gradio in it and can be tested
+and reused alone. One ``DemoGenerator`` owns one set of models; a lock makes sure they run one
+request at a time whatever the web server's threading, because a MindSpore cell (and its compiled
+graph) is not meant to be called from two threads at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from pixart.data.buckets import bucket_table
+from pixart.models.text_encoder import encode_prompts, normalize_prompt
+from pixart.pipelines.text_to_image import PixArtPipeline, TextEmbeddings
+from pixart.utils.images import save_png, slug
+
+SAMPLERS = ("dpm", "ddim", "iddpm")
+MAX_STEPS = 100
+MAX_GUIDANCE = 20.0
+MAX_SEED = 2**31 - 1
+
+
+class RequestError(ValueError):
+    """A request the page answers with this message instead of images (bad prompt, size, ...)."""
+
+
+@dataclasses.dataclass
+class Request:
+    prompt: str
+    negative_prompt: str = ""
+    sampling_method: str = "dpm"
+    steps: int = 20
+    guidance_scale: float = 4.5
+    seed: Optional[int] = None      # None: draw a random one (reported back)
+    height: int = 1024
+    width: int = 1024
+    num_images: int = 1
+
+
+@dataclasses.dataclass
+class Generation:
+    images: List[np.ndarray]        # (H, W, 3) uint8 each
+    paths: List[str]                # the saved PNGs, in the same order
+    seed: int                       # image k used seed + k
+    info: str                       # one line for the page: sizes, timing, where saved
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeLimits:
+    """What the page offers and the generator accepts: sides in [minimum, maximum], multiples of ``step``."""
+    minimum: int
+    maximum: int
+    step: int
+
+
+def random_seed() -> int:
+    return int(np.random.SeedSequence().generate_state(1)[0] % (MAX_SEED + 1))
+
+
+class DemoGenerator:
+    """Text encoder + pipeline kept in memory between requests.
+
+    The T5 encoder stays loaded (unlike sample.py, which releases it before loading the transformer)
+    because every request encodes its prompt. The pipeline's compiled denoiser is reused: sampler,
+    steps, guidance, seed and prompt are inputs to one compiled graph; only a new latent shape (size
+    or number of images) compiles another.
+    """
+
+    def __init__(self, tokenizer, text_encoder, max_length: int, pipeline: PixArtPipeline, output_path: str,
+                 checkpoint_name: str, use_resolution_binning: bool = True, max_images: int = 4):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.max_length = max_length
+        self.pipeline = pipeline
+        self.output_path = output_path
+        self.checkpoint_name = checkpoint_name
+        self.use_resolution_binning = use_resolution_binning
+        self.max_images = max_images
+        self._lock = threading.Lock()
+
+    @property
+    def base_size(self) -> int:
+        """The square image size, in pixels, the transformer was trained at (its latent size x VAE factor)."""
+        return self.pipeline.transformer.config.input_size * self.pipeline.vae_factor
+
+    @property
+    def size_limits(self) -> SizeLimits:
+        # Up to twice the trained size per side: the aspect-ratio buckets reach 4:1 at about the
+        # trained area, and larger squares are already far from what the model has seen.
+        unit = self.pipeline.vae_factor * self.pipeline.patch
+        return SizeLimits(unit, 2 * self.base_size, unit)
+
+    def aspect_ratios(self) -> Dict[str, Tuple[int, int]]:
+        """Choices for the page: "H x W (ratio)" -> (height, width), the inference buckets of this model's size."""
+        table = bucket_table(self.base_size, test=True)
+        return {f"{h} x {w}  (h/w {ratio})": (h, w) for ratio, (h, w) in table.items()}
+
+    def check(self, request: Request) -> None:
+        """Raise RequestError with a message for the page if ``request`` cannot be generated."""
+        if not request.prompt or not request.prompt.strip():
+            raise RequestError("The prompt is empty: describe the image you want.")
+        if request.sampling_method not in SAMPLERS:
+            raise RequestError(f"Unknown sampler {request.sampling_method!r}; choose one of {', '.join(SAMPLERS)}.")
+        if not _is_int(request.steps) or not 1 <= request.steps <= MAX_STEPS:
+            raise RequestError(f"Steps must be a whole number from 1 to {MAX_STEPS}, got {request.steps}.")
+        if not _is_number(request.guidance_scale) or not 0 <= request.guidance_scale <= MAX_GUIDANCE:
+            raise RequestError(f"Guidance scale must be between 0 and {MAX_GUIDANCE:g}, got {request.guidance_scale}.")
+        if request.seed is not None and (not _is_int(request.seed) or not 0 <= request.seed <= MAX_SEED):
+            raise RequestError(f"Seed must be a whole number from 0 to {MAX_SEED}, got {request.seed}.")
+        if not _is_int(request.num_images) or not 1 <= request.num_images <= self.max_images:
+            raise RequestError(f"Number of images must be from 1 to {self.max_images}, got {request.num_images}.")
+        lim = self.size_limits
+        for name, value in (("Width", request.width), ("Height", request.height)):
+            if not _is_int(value) or not lim.minimum <= value <= lim.maximum or value % lim.step:
+                raise RequestError(f"{name} must be a multiple of {lim.step} from {lim.minimum} to {lim.maximum} "
+                                   f"pixels for this model, got {value}.")
+
+    def generate(self, request: Request,
+                 on_progress: Optional[Callable[[float, str], None]] = None) -> Generation:
+        """Check, encode, sample, save. ``on_progress(fraction, what)`` is called as work advances.
+        Raises RequestError for a bad request; the same request with the same seed gives the same images."""
+        self.check(request)
+        report = on_progress or (lambda fraction, what: None)
+        seed = request.seed if request.seed is not None else random_seed()
+        n = request.num_images
+        seeds = [seed + k for k in range(n)]  # as sample.py: image k can be regenerated alone from seed + k
+        steps_label = f"{request.sampling_method}, {request.steps} steps"
+        with self._lock:
+            report(0.0, "encoding the prompt")
+            texts = [normalize_prompt(request.prompt), normalize_prompt(request.negative_prompt)]  # as sample.py
+            emb, mask = encode_prompts(texts, self.tokenizer, self.text_encoder, self.max_length)
+            cond, uncond = TextEmbeddings(emb[:1], mask[:1]).repeat(n), TextEmbeddings(emb[1:], mask[1:]).repeat(n)
+            try:
+                result = self.pipeline(cond, uncond, request.height, request.width,
+                                       sampling_method=request.sampling_method, steps=request.steps,
+                                       guidance_scale=request.guidance_scale, seeds=seeds,
+                                       use_resolution_binning=self.use_resolution_binning, progress=False,
+                                       step_callback=lambda i, total: report(i / total, f"denoising ({steps_label})"))
+            except ValueError as e:  # the pipeline's own checks, e.g. a size the model cannot sample
+                raise RequestError(str(e)) from None
+        gen_h, gen_w = result.generated_size
+        paths = []
+        for image, image_seed in zip(result.images, seeds):
+            # the same metadata keys as sample.py, so a PNG from either says how to regenerate it
+            meta = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": image_seed,
+                    "sampler": request.sampling_method, "steps": request.steps,
+                    "guidance_scale": request.guidance_scale, "checkpoint": self.checkpoint_name,
+                    "size": f"{request.height}x{request.width}", "generated_size": f"{gen_h}x{gen_w}"}
+            paths.append(save_png(image, self.output_path, slug(request.prompt), meta))
+        binned = "" if (gen_h, gen_w) == (request.height, request.width) else " (nearest trained aspect ratio)"
+        seeds_text = f"seed {seed}" if n == 1 else f"seeds {seed}..{seed + n - 1}"
+        names = [os.path.basename(p) for p in paths]
+        saved = names[0] if n == 1 else f"{names[0]} .. {names[-1]}"
+        info = (f"{n} image(s) of {request.height}x{request.width}, sampled at {gen_h}x{gen_w}{binned}; "
+                f"{steps_label}: {result.seconds_per_step:.3f} s/step, {result.total_seconds:.1f} s in all; "
+                f"{seeds_text}; saved as {saved}")
+        return Generation(list(result.images), paths, seed, info)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
