@@ -27,6 +27,7 @@ install: $(RUNTIME_STAMP)
 install-test: $(TEST_STAMP)
 
 demo: $(RUNTIME_STAMP)
+	@test -f models/pixart-digits/transformer.ckpt || { echo "make demo: models/pixart-digits/transformer.ckpt is not there yet: the miniature digits model has not been trained (see README, 'Two commands')"; exit 1; }
 	$(PY) sample.py -c configs/inference/pixart-digits.yaml
 
 test: $(TEST_STAMP)
