@@ -9,8 +9,10 @@ image (the space of the Fréchet distance, as Inception's pool features are for 
     -> 3 x [3x3 conv, ReLU, 2x2 max-pool]: 16, 32, 64 channels, 32 -> 4 pixels
     -> Dense 1024 -> 128, ReLU (features) -> Dense 128 -> 10 (logits)
 
-The convolutions are the VAE's im2col ``Conv2d`` (MindSpore's CPU convolution kernel is
-about 10x slower). Weights are saved as ``model.safetensors`` + ``config.json``.
+The convolutions are im2col (``ops.unfold``, which also pads) plus a matmul: MindSpore's
+CPU convolution kernel is about 10x slower, and back-propagating through ``ops.pad`` in a
+compiled graph hangs in MindSpore 2.10 on CPU. Weights are saved as ``model.safetensors``
++ ``config.json``.
 """
 from __future__ import annotations
 
@@ -20,17 +22,33 @@ from typing import Tuple
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import initializer
 from PIL import Image
 from tqdm import tqdm
 
-from pixart.models.autoencoder_kl import Conv2d
 from pixart.utils.errors import ModelLoadError
 from pixart.utils.hf_folder import load_weights, read_config
 from pixart.utils.safetensors_io import save_file
 
 SIDE = 32
 MAX_SHIFT = 2  # pixels of random translation in training: the 2-pixel border of the 32x32 digits
+
+
+class Conv3x3(nn.Cell):
+    """3x3 convolution, stride 1, zero padding 1: (B, C, H, W) -> (B, O, H, W); torch's layout."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.weight = Parameter(initializer("zeros", (out_channels, in_channels, 3, 3), ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (out_channels,), ms.float32), name="bias")
+
+    def construct(self, x):
+        b, c, h, w = x.shape
+        out_channels = self.weight.shape[0]
+        cols = ops.unfold(x, 3, 1, 1, 1)  # (B, C*9, H*W)
+        y = ops.matmul(self.weight.reshape(out_channels, c * 9), cols) + self.bias.reshape(1, out_channels, 1)
+        return y.reshape(b, out_channels, h, w)
 
 
 class DigitClassifier(nn.Cell):
@@ -40,7 +58,7 @@ class DigitClassifier(nn.Cell):
         super().__init__()
         self.config = {"width": width, "feature_dim": feature_dim}
         chans = (1, width, 2 * width, 4 * width)
-        self.convs = nn.CellList([Conv2d(chans[i], chans[i + 1], 3, padding=1) for i in range(3)])
+        self.convs = nn.CellList([Conv3x3(chans[i], chans[i + 1]) for i in range(3)])
         self.fc = nn.Dense(chans[-1] * (SIDE // 8) ** 2, feature_dim)
         self.head = nn.Dense(feature_dim, 10)
 
@@ -74,7 +92,7 @@ def _random_shifts(x: np.ndarray, rng) -> np.ndarray:
 
 
 def _init_weights(model: DigitClassifier, seed: int) -> None:
-    """PyTorch's default initialisation, seeded (our Conv2d starts at zero)."""
+    """PyTorch's default initialisation, seeded: U(-b, b), b = fan_in ** -0.5."""
     rng = np.random.default_rng(seed)
     params = dict(model.parameters_and_names())
     for name, param in params.items():
