@@ -138,7 +138,10 @@ def main(argv=None) -> int:
         print(f"no Fréchet distance: {e}")
 
     print(f"{report['n']} images rated ({skipped} skipped: no prompt naming one digit)")
-    print(f"prompt adherence: {report['adherence']:.1%}")
+    with open(os.path.join(args.classifier, "config.json")) as f:
+        ceiling = json.load(f).get("accuracy_on_train_split")
+    print(f"prompt adherence: {report['adherence']:.1%}" +
+          (f" (the classifier recognises {ceiling:.1%} of real digits it never saw)" if ceiling else ""))
     for d, r in report["per_digit"].items():
         print(f"  {d}: {r['adherence']:6.1%} of {r['n']}")
     if "frechet" in report:

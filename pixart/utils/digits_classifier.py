@@ -72,6 +72,10 @@ class DigitClassifier(nn.Cell):
     def construct(self, x):
         return self.head(self.features(x))
 
+    def logits_and_features(self, x):
+        f = self.features(x)
+        return self.head(f), f
+
 
 def to_input(images: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) or (N, H, W) uint8 -> (N, 1, 32, 32) float32 grey in [0, 1] (resized if needed)."""
@@ -137,12 +141,7 @@ def train_classifier(images: np.ndarray, digits: np.ndarray, epochs: int = 40, b
 def predict(model: DigitClassifier, images: np.ndarray, batch_size: int = 250) -> Tuple[np.ndarray, np.ndarray]:
     """(N, H, W, 3) uint8 -> (predicted digits (N,) int64, penultimate features (N, feature_dim) float32)."""
     x = to_input(images)
-
-    @ms.jit
-    def forward(xb):
-        f = model.features(xb)
-        return model.head(f), f
-
+    forward = ms.jit(model.logits_and_features)
     logits, feats = [], []
     for start in range(0, len(x), batch_size):
         lg, f = forward(Tensor(x[start:start + batch_size]))
