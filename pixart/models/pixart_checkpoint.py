@@ -16,6 +16,7 @@ import numpy as np
 
 from pixart.models.pixart import PixArtConfig
 from pixart.utils.errors import ModelLoadError
+from pixart.utils.mindspore_ckpt import CheckpointFormatError, read_ckpt
 
 StateDict = Dict[str, np.ndarray]
 
@@ -327,16 +328,14 @@ def save_mindspore_checkpoint(sd: StateDict, config: PixArtConfig, path: str, dt
 
 def read_mindspore_checkpoint(path: str) -> Tuple[StateDict, Optional[PixArtConfig]]:
     """(float32 tensors, stored architecture or None) from a ``.ckpt``."""
-    import mindspore as ms
-
     if not os.path.isfile(path):
         raise ModelLoadError(f"{path}: no such checkpoint")
     try:
-        raw = ms.load_checkpoint(path)
-    except (ValueError, RuntimeError, OSError) as e:
-        raise ModelLoadError(f"{path}: not a readable MindSpore checkpoint ({e})") from None
+        raw = read_ckpt(path)
+    except CheckpointFormatError as e:
+        raise ModelLoadError(str(e)) from None
     config = PixArtConfig.from_dict(json.loads(raw[CONFIG_KEY])) if isinstance(raw.get(CONFIG_KEY), str) else None
-    sd = {k: v.astype(ms.float32).asnumpy() for k, v in raw.items() if hasattr(v, "asnumpy")}
+    sd = {k: v.astype(np.float32, copy=False) for k, v in raw.items() if isinstance(v, np.ndarray)}
     return sd, config
 
 
@@ -344,11 +343,10 @@ def read_config(path: str) -> PixArtConfig:
     """The architecture of a checkpoint without loading its weights when it is one of our
     ``.ckpt`` files (other sources are read whole)."""
     if path.endswith(".ckpt") and os.path.isfile(path):
-        import mindspore as ms
         try:
-            raw = ms.load_checkpoint(path, choice_func=lambda name: name == CONFIG_KEY)
-        except (ValueError, RuntimeError, OSError) as e:
-            raise ModelLoadError(f"{path}: not a readable MindSpore checkpoint ({e})") from None
+            raw = read_ckpt(path, select=lambda name: name == CONFIG_KEY)
+        except CheckpointFormatError as e:
+            raise ModelLoadError(str(e)) from None
         if isinstance(raw.get(CONFIG_KEY), str):
             return PixArtConfig.from_dict(json.loads(raw[CONFIG_KEY]))
     sd, hints = read_source(path)

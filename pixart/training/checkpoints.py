@@ -84,13 +84,13 @@ def save_checkpoint(output_path: str, step: int, config: PixArtConfig, weights: 
 
 def load_checkpoint(folder: str) -> dict:
     """{"weights", "ema" (or None), "optimizer", "state"} of a checkpoint folder, as NumPy arrays."""
-    import mindspore as ms
     from pixart.models.pixart_checkpoint import read_mindspore_checkpoint
+    from pixart.utils.mindspore_ckpt import read_ckpt
 
     weights, _ = read_mindspore_checkpoint(os.path.join(folder, "model.ckpt"))
     ema_path = os.path.join(folder, "ema.ckpt")
     ema = read_mindspore_checkpoint(ema_path)[0] if os.path.isfile(ema_path) else None
-    optimizer = {k: v.asnumpy() for k, v in ms.load_checkpoint(os.path.join(folder, "optimizer.ckpt")).items()}
+    optimizer = read_ckpt(os.path.join(folder, "optimizer.ckpt"))
     with open(os.path.join(folder, "state.json")) as f:
         state = json.load(f)
     return {"weights": weights, "ema": ema, "optimizer": optimizer, "state": state}

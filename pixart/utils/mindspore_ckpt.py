@@ -1,0 +1,161 @@
+"""Read MindSpore ``.ckpt`` files as NumPy arrays, streaming, with no MindSpore import.
+
+``mindspore.load_checkpoint`` reads the whole file into one protobuf message first, and
+refuses files larger than the machine's *free* RAM (``SC_AVPHYS_PAGES``, which leaves out
+the page cache). A 2.4 GB XL checkpoint therefore fails to load at random on a machine
+whose memory is mostly cache. This reader walks the protobuf wire format over a
+memory map, so it needs only the memory of the tensors it returns.
+
+The file is a sequence of ``Checkpoint`` messages, each holding ``value`` entries
+(field 1): ``tag`` (field 1, the name) and ``tensor`` (field 2: ``dims`` field 1,
+``tensor_type`` field 2, ``tensor_content`` field 3). Tensors over 512 MB are split into
+consecutive entries with the same tag. Strings from ``append_dict`` have type ``str`` and
+hold UTF-32 text. A CRC trailer (``crc_num`` + 10 bytes), if present, ends the parse.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+
+_NUMPY_DTYPES = {
+    "Float32": np.float32, "Float16": np.float16, "Float64": np.float64,
+    "Int8": np.int8, "Int16": np.int16, "Int32": np.int32, "Int64": np.int64,
+    "UInt8": np.uint8, "UInt16": np.uint16, "UInt32": np.uint32, "UInt64": np.uint64, "Bool": np.bool_,
+}
+_LENGTH_DELIMITED = 2
+_VARINT = 0
+
+
+class CheckpointFormatError(ValueError):
+    """A ``.ckpt`` that is missing, truncated, encrypted or not in MindSpore's format."""
+
+
+def _varint(buf, pos: int, end: int) -> Tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= end or shift > 63:
+            raise CheckpointFormatError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf, pos: int, end: int) -> Iterator[Tuple[int, int, int, int]]:
+    """(field number, wire type, start, stop) of each field; a varint's value is ``start``."""
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        field, wire = key >> 3, key & 7
+        if wire == _VARINT:
+            value, pos = _varint(buf, pos, end)
+            yield field, wire, value, pos
+        elif wire == _LENGTH_DELIMITED:
+            length, pos = _varint(buf, pos, end)
+            if pos + length > end:
+                raise CheckpointFormatError("truncated field")
+            yield field, wire, pos, pos + length
+            pos += length
+        else:
+            raise CheckpointFormatError(f"unexpected wire type {wire}")
+
+
+def _tensor_entry(buf, start: int, stop: int) -> Tuple[List[int], str, Tuple[int, int]]:
+    dims: List[int] = []
+    tensor_type, content = None, None
+    for field, wire, a, b in _fields(buf, start, stop):
+        if field == 1 and wire == _VARINT:
+            dims.append(a)
+        elif field == 1 and wire == _LENGTH_DELIMITED:  # packed dims
+            pos = a
+            while pos < b:
+                dim, pos = _varint(buf, pos, b)
+                dims.append(dim)
+        elif field == 2:
+            tensor_type = bytes(buf[a:b]).decode()
+        elif field == 3:
+            content = (a, b)
+    if tensor_type is None or content is None:
+        raise CheckpointFormatError("tensor entry without type or content")
+    return dims, tensor_type, content
+
+
+def _entries(buf) -> Iterator[Tuple[str, Optional[Tuple[List[int], str, Tuple[int, int]]]]]:
+    """(tag, tensor entry or None for map tensors) for each value in file order."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        if buf[pos:pos + 7] == b"crc_num":
+            return
+        key, pos = _varint(buf, pos, end)
+        if key != (1 << 3 | _LENGTH_DELIMITED):
+            raise CheckpointFormatError(f"unexpected top-level field key {key} at byte {pos}")
+        length, pos = _varint(buf, pos, end)
+        if pos + length > end:
+            raise CheckpointFormatError(f"truncated: an entry at byte {pos} runs past the end of the file")
+        tag, tensor = None, None
+        for field, wire, a, b in _fields(buf, pos, pos + length):
+            if field == 1 and wire == _LENGTH_DELIMITED:
+                tag = bytes(buf[a:b]).decode()
+            elif field == 2 and wire == _LENGTH_DELIMITED:
+                tensor = _tensor_entry(buf, a, b)
+        if tag is None:
+            raise CheckpointFormatError(f"entry without a name at byte {pos}")
+        yield tag, tensor
+        pos += length
+
+
+def _decode(buf, tag: str, dims: List[int], tensor_type: str, chunks: List[Tuple[int, int]]) -> Union[np.ndarray, str]:
+    """One copy of the (possibly split) content out of the map, then typed and shaped."""
+    raw = np.empty(sum(b - a for a, b in chunks), np.uint8)
+    filled = 0
+    for a, b in chunks:
+        raw[filled:filled + b - a] = np.frombuffer(buf, np.uint8, count=b - a, offset=a)
+        filled += b - a
+    if tensor_type == "str":
+        return raw.tobytes().decode("utf-32-le")
+    shape = tuple(dims) if dims != [0] else ()
+    if tensor_type == "BFloat16":  # widen exactly: bf16 is the high half of a float32
+        array = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    elif tensor_type in _NUMPY_DTYPES:
+        array = raw.view(_NUMPY_DTYPES[tensor_type])
+    else:
+        raise CheckpointFormatError(f"tensor {tag!r} has unsupported type {tensor_type!r}")
+    if array.size != int(np.prod(shape)):
+        raise CheckpointFormatError(f"tensor {tag!r}: {array.size} values for shape {shape}")
+    return array.reshape(shape)
+
+
+def read_ckpt(path: str, select: Optional[Callable[[str], bool]] = None) -> Dict[str, Union[np.ndarray, str]]:
+    """Name -> NumPy array (bf16 widened to float32) or string, for each entry ``select``
+    accepts (all by default). Raises :class:`CheckpointFormatError` on a bad file."""
+    if not os.path.isfile(path):
+        raise CheckpointFormatError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointFormatError(f"{path}: empty file")
+    out: Dict[str, Union[np.ndarray, str]] = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        pending_tag, pending = None, None
+        chunks: List[Tuple[int, int]] = []
+        try:
+            for tag, tensor in _entries(buf):
+                if tag != pending_tag and chunks:
+                    out[pending_tag] = _decode(buf, pending_tag, pending[0], pending[1], chunks)
+                    chunks = []
+                pending_tag = tag
+                if tensor is None or (select is not None and not select(tag)):
+                    continue
+                pending = tensor
+                chunks.append(tensor[2])
+            if chunks:
+                out[pending_tag] = _decode(buf, pending_tag, pending[0], pending[1], chunks)
+        except CheckpointFormatError as e:
+            raise CheckpointFormatError(f"{path}: not a readable MindSpore checkpoint ({e})") from None
+        except (UnicodeDecodeError, ValueError) as e:
+            raise CheckpointFormatError(f"{path}: not a MindSpore checkpoint, or an encrypted one ({e})") from None
+    if not out and select is None:
+        raise CheckpointFormatError(f"{path}: no tensors found")
+    return out
