@@ -20,6 +20,16 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 
+def batches_of_one_size(records, indices, batch_size: int):
+    """``indices`` grouped by training size (a VAE batch needs one size), in chunks of ``batch_size``."""
+    by_size = {}
+    for i in indices:
+        by_size.setdefault(records[i].size, []).append(i)
+    for group in by_size.values():
+        for start in range(0, len(group), batch_size):
+            yield group[start:start + batch_size]
+
+
 def main(argv=None) -> int:
     import train  # the same flags and config file as training
     from pixart.data.cache import CacheEntry, cache_path, write_cache_entry
@@ -32,6 +42,8 @@ def main(argv=None) -> int:
     parser.description = __doc__
     parser.add_argument("--cache_fp16", type=str2bool, default=False,
                         help="store T5 embeddings in float16 (half the disk; a rounding of the features)")
+    parser.add_argument("--cache_batch_size", type=int, default=16,
+                        help="images of one size encoded together (memory grows with it)")
     args = parse_with_config(parser, argv)
     if not args.feature_cache:
         fail("--feature_cache FOLDER is required: where to write the features")
@@ -48,21 +60,25 @@ def main(argv=None) -> int:
     os.makedirs(args.feature_cache, exist_ok=True)
     np.savez(os.path.join(args.feature_cache, NULL_CAPTION_FILE), emb=encoder.null_caption(),
              scaling_factor=encoder.vae.scaling_factor, shift_factor=encoder.vae.shift_factor)
-    written = skipped = 0
-    for index, record in enumerate(tqdm(dataset.records, desc="caching features")):
-        path = cache_path(args.feature_cache, record.path, record.size)
-        if os.path.isfile(path):
-            skipped += 1
-            continue
-        image = dataset.load_image(index)[None]
-        mean, std = encoder.encode_images(image)
-        captions = {}
-        for field in CAPTION_FIELDS:
-            if record.captions.get(field):
-                emb, mask = encoder.encode_captions([record.captions[field]])
-                captions[field] = (emb[0].astype(np.float16 if args.cache_fp16 else np.float32), mask[0])
-        write_cache_entry(path, CacheEntry(mean[0], std[0], captions))
-        written += 1
+    todo = [i for i, r in enumerate(dataset.records)
+            if not os.path.isfile(cache_path(args.feature_cache, r.path, r.size))]
+    skipped = len(dataset.records) - len(todo)
+    with tqdm(total=len(todo), desc="caching features", unit="image") as progress:
+        for batch in batches_of_one_size(dataset.records, todo, max(1, args.cache_batch_size)):
+            mean, std = encoder.encode_images(np.stack([dataset.load_image(i) for i in batch]))
+            captions = {}
+            for field in CAPTION_FIELDS:
+                texts = [dataset.records[i].captions.get(field) or "" for i in batch]
+                emb, mask = encoder.encode_captions(texts)
+                captions[field] = (emb.astype(np.float16 if args.cache_fp16 else np.float32), mask)
+            for k, i in enumerate(batch):
+                record = dataset.records[i]
+                entry_captions = {field: (emb[k], mask[k]) for field, (emb, mask) in captions.items()
+                                  if record.captions.get(field)}
+                write_cache_entry(cache_path(args.feature_cache, record.path, record.size),
+                                  CacheEntry(mean[k], std[k], entry_captions))
+            progress.update(len(batch))
+    written = len(todo)
     print(f"feature cache {args.feature_cache}: {written} entries written, {skipped} already there, "
           f"{len(dataset.records)} images")
     return 0

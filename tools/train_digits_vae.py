@@ -33,8 +33,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pixart.data.digits import load_digit_images  # noqa: E402
-from pixart.models import autoencoder_kl  # noqa: E402
-from pixart.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
+from pixart.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, split_moments  # noqa: E402
 from pixart.utils.safetensors_io import save_file  # noqa: E402
 
 LATENT_CHANNELS = 4
@@ -68,43 +67,6 @@ def init_weights(vae, seed: int) -> None:
         param.set_data(ms.Tensor(rng.uniform(-bound, bound, param.shape).astype(np.float32)))
 
 
-class _PadFreeConv2d(autoencoder_kl.Conv2d):
-    """``Conv2d`` with the zero padding done by ``ops.unfold`` itself instead of ``ops.pad``.
-
-    Why: in MindSpore 2.10 on CPU, a compiled graph that back-propagates through ``ops.pad``
-    hangs (one CPU kernel spinning forever) after a few calls: the 6th for 8x8 maps, the
-    9th for 16x16, the 17th for 32x32. Same parameters, same output (one im2col band: the
-    32x32 digits need no banding).
-    """
-
-    def construct(self, x):
-        b, c, h, w = x.shape
-        k, s, p = self.kernel_size, self.stride, self.padding
-        out_channels = self.weight.shape[0]
-        cols = ops.unfold(x, k, 1, p, s)  # (B, C*k*k, ho*wo)
-        y = ops.matmul(self.weight.reshape(out_channels, c * k * k), cols) + self.bias.reshape(1, out_channels, 1)
-        return y.reshape(b, out_channels, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
-
-
-class _PadFreeDownsample(autoencoder_kl.Downsample):
-    """``Downsample`` with its right/bottom zero padding done by concatenation (see ``_PadFreeConv2d``)."""
-
-    def construct(self, x):
-        b, c, h, w = x.shape
-        x = ops.concat([x, ops.zeros((b, c, h, 1), x.dtype)], axis=3)
-        return self.conv(ops.concat([x, ops.zeros((b, c, 1, w + 1), x.dtype)], axis=2))
-
-
-def avoid_pad_in_backward(vae) -> None:
-    """Switch the VAE's padded convolutions and downsamplers, in place, to the pad-free classes
-    above, so that the compiled training step does not hang. Parameters are untouched."""
-    for _, cell in vae.cells_and_names():
-        if type(cell) is autoencoder_kl.Conv2d and cell.padding:
-            cell.__class__ = _PadFreeConv2d
-        elif type(cell) is autoencoder_kl.Downsample:
-            cell.__class__ = _PadFreeDownsample
-
-
 def to_model_space(images: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
     return (images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
@@ -118,7 +80,7 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 def make_train_step(vae, optimizer, kl_weight: float):
     """A graph-compiled step: (images (B, 3, H, W), noise (B, 4, h, w)) -> (loss, L1, KL), updating the weights."""
     def loss_fn(x, noise):
-        mean, logvar = posterior_moments(vae, vae.quant_conv(vae.encoder(x)))
+        mean, logvar = split_moments(vae.quant_conv(vae.encoder(x)))
         reconstruction = vae.decode(mean + ops.exp(0.5 * logvar) * noise)
         l1 = ops.abs(reconstruction - x).mean()
         kl = 0.5 * (mean * mean + ops.exp(logvar) - 1.0 - logvar).sum() / x.shape[0]
@@ -133,15 +95,6 @@ def make_train_step(vae, optimizer, kl_weight: float):
         return loss, l1, kl
 
     return step
-
-
-def posterior_moments(vae, moments):
-    """(B, 2 * 4, h, w) encoder output -> mean and log-variance, as ``DiagonalGaussian`` computes them.
-
-    Sliced here rather than through ``vae.encode()``: in graph mode the ``ops.chunk`` in
-    ``DiagonalGaussian`` loses the static shape that the decoder's convolutions need.
-    """
-    return moments[:, :LATENT_CHANNELS], ops.clamp(moments[:, LATENT_CHANNELS:], -30.0, 20.0)
 
 
 def batched(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -199,7 +152,6 @@ def main(argv=None) -> int:
     except ValueError as e:
         sys.exit(f"error: {e}")
     init_weights(vae, args.seed)
-    avoid_pad_in_backward(vae)
     n_params = sum(int(np.prod(p.shape)) for p in vae.get_parameters())
     print(f"VAE {args.block_out_channels}: {n_params / 1e6:.2f}M parameters; {len(train_x)} training, "
           f"{len(heldout_x)} held-out digits")
@@ -227,7 +179,7 @@ def main(argv=None) -> int:
 
     @ms.jit
     def encode(x):  # (B, 3, H, W) -> (B, 8, h, w): mean, then clamped log-variance
-        return ops.concat(posterior_moments(vae, vae.quant_conv(vae.encoder(x))), axis=1)
+        return ops.concat(split_moments(vae.quant_conv(vae.encoder(x))), axis=1)
 
     decode = ms.jit(vae.decode)
     mean, logvar = np.split(batched(encode, train_x, 250), 2, axis=1)

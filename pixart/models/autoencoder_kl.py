@@ -108,7 +108,7 @@ class Conv2d(nn.Cell):
         if k == 1 and s == 1 and p == 0:
             return (ops.matmul(weight, x.reshape(b, c, h * w)) + bias).reshape(b, out_channels, h, w)
         if p:
-            x = ops.pad(x, (p, p, p, p))
+            x = zero_pad(x, p, p, p, p)
         ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
         rows = max(1, min(ho, _IM2COL_BUDGET // (b * c * k * k * wo)))
         bands = []
@@ -117,6 +117,36 @@ class Conv2d(nn.Cell):
             cols = ops.unfold(x[:, :, r0 * s:(r1 - 1) * s + k], k, 1, 0, s)  # (B, C*k*k, (r1-r0)*wo)
             bands.append((ops.matmul(weight, cols) + bias).reshape(b, out_channels, r1 - r0, wo))
         return bands[0] if len(bands) == 1 else ops.concat(bands, axis=2)
+
+
+def zero_pad(x, left: int, right: int, top: int, bottom: int):
+    """Zero-pad the last two axes of (B, C, H, W) by concatenation.
+
+    Not ``ops.pad``: in MindSpore 2.10 on CPU, a compiled graph that back-propagates
+    through ``ops.pad`` hangs (one kernel spinning) after a few calls, which stops VAE training.
+    """
+    b, c, h, w = x.shape
+    x = _concat_zeros(x, 3, (b, c, h, left), (b, c, h, right))
+    return _concat_zeros(x, 2, (b, c, top, w + left + right), (b, c, bottom, w + left + right))
+
+
+def _concat_zeros(x, axis: int, before_shape, after_shape):
+    parts = [x]
+    if before_shape[axis]:
+        parts = [ops.zeros(before_shape, x.dtype)] + parts
+    if after_shape[axis]:
+        parts = parts + [ops.zeros(after_shape, x.dtype)]
+    return ops.concat(parts, axis=axis) if len(parts) > 1 else x
+
+
+def split_moments(moments):
+    """(B, 2C, h, w) encoder output -> posterior mean and clamped log-variance, (B, C, h, w) fp32.
+
+    Sliced rather than ``ops.chunk``, which loses the static shape inside a compiled graph.
+    """
+    c = moments.shape[1] // 2
+    moments = moments.astype(ms.float32)
+    return moments[:, :c], ops.clamp(moments[:, c:], -30.0, 20.0)
 
 
 class GroupNorm(nn.Cell):
@@ -190,7 +220,7 @@ class Downsample(nn.Cell):
         self.conv = Conv2d(channels, channels, 3, stride=2, dtype=dtype)
 
     def construct(self, x):
-        return self.conv(ops.pad(x, (0, 1, 0, 1)))
+        return self.conv(zero_pad(x, 0, 1, 0, 1))
 
 
 class Upsample(nn.Cell):
@@ -298,9 +328,7 @@ class DiagonalGaussian:
     """The encoder's posterior, N(mean, exp(logvar)) per latent element; (B, C, h, w) fp32."""
 
     def __init__(self, moments: Tensor):
-        mean, logvar = ops.chunk(moments.astype(ms.float32), 2, axis=1)
-        self.mean = mean
-        self.logvar = ops.clamp(logvar, -30.0, 20.0)
+        self.mean, self.logvar = split_moments(moments)
         self.std = ops.exp(0.5 * self.logvar)
         self.var = ops.exp(self.logvar)
 
