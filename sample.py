@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="graph compiles the denoiser once per shape (fast); pynative runs eagerly (debugging)")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", nargs="+", help="one or more prompts")
-    g.add_argument("--prompt_path", help="text file, one prompt per line (blank lines skipped)")
+    g.add_argument("--prompt_path", help="text file, one prompt per line (blank lines skipped); on the command "
+                                         "line it replaces the config's prompt list, --prompt adds to it")
     g.add_argument("--negative_prompt", default="", help="what to steer away from (default: empty, as diffusers)")
     g = p.add_argument_group("sampling")
     g.add_argument("--image_height", type=int, default=1024, help="output height in pixels")
@@ -72,10 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_prompts(args) -> list:
+def read_prompts(args, parser) -> list:
+    """--prompt, then the lines of --prompt_path. A prompt file named on the command line
+    replaces the config file's example ``prompt`` list."""
     from pixart.utils.config import fail
 
     prompts = list(args.prompt or [])
+    file_on_command_line = args.prompt_path and args.prompt_path != parser.get_default("prompt_path")
+    if file_on_command_line and args.prompt is parser.get_default("prompt"):
+        prompts = []
     if args.prompt_path:
         if not os.path.isfile(args.prompt_path):
             fail(f"prompt file {args.prompt_path!r} not found")
@@ -152,10 +158,11 @@ def load_transformer(args, dtype):
 
 
 def main(argv=None) -> int:
-    args = parse_with_config(build_parser(), argv)
+    parser = build_parser()
+    args = parse_with_config(parser, argv)
     from pixart.utils.config import fail
 
-    prompts = read_prompts(args)
+    prompts = read_prompts(args, parser)
     check_paths(args)
     if args.batch_size < 1 or args.num_trials < 1:
         fail("--batch_size and --num_trials must be at least 1")

@@ -245,3 +245,32 @@ def test_evaluate_digits_rates_real_digits(tmp_path, mnist):
     real = predict(classifier, rgb32(images[others]))[1]
     fd = evaluate_digits.frechet_report(features, real)
     assert fd["n"] == 30 and fd["generated_vs_real"] < 2 * fd["real_vs_real"]
+
+
+# ---------------------------------------------------------------- the trained transformer
+
+ADHERENCE_FLOOR = 0.5  # far above chance (0.1); the measured figure on 560 samples is in the model README
+
+
+def test_committed_model_draws_the_prompted_digits(tmp_path):
+    """sample.py with the digits config, as `make demo` runs it: 40 samples (4 per digit, the
+    config's example prompts), rated by the committed classifier."""
+    import sample
+
+    model_folder("classifier")
+    checkpoint = os.path.join(MODEL, "transformer.ckpt")
+    if not os.path.isfile(checkpoint):
+        pytest.fail(f"{checkpoint} is missing; see models/pixart-digits/README.md to train it")
+    out = tmp_path / "samples"
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the config's paths are relative to the repository
+    try:
+        assert sample.main(["-c", "configs/inference/pixart-digits.yaml", "--num_trials", "4",
+                            "--output_path", str(out)]) == 0
+    finally:
+        os.chdir(cwd)
+    generated, wanted, paths, skipped = evaluate_digits.read_generated(str(out))
+    assert len(paths) == 40 and skipped == 1  # the grid carries no single prompt
+    predicted, _ = predict(load_classifier(model_folder("classifier")), generated)
+    report = evaluate_digits.adherence(predicted, wanted)
+    assert report["adherence"] >= ADHERENCE_FLOOR, report

@@ -248,6 +248,24 @@ def test_inference_configs_parse(name):
     assert args.model_max_length in (16, 120, 300) and args.image_height % 8 == 0
 
 
+def test_prompt_file_on_command_line_replaces_config_prompts(tmp_path):
+    sys.path.insert(0, ROOT)
+    import sample
+    from pixart.utils.config import parse_with_config
+
+    config = os.path.join(ROOT, "configs", "inference", "pixart-digits.yaml")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("seven\n\nthe digit 3\n")
+
+    def read(*argv):
+        parser = sample.build_parser()
+        return sample.read_prompts(parse_with_config(parser, ["-c", config, *argv]), parser)
+
+    assert len(read()) == 10  # the config's examples
+    assert read("--prompt_path", str(prompts)) == ["seven", "the digit 3"]
+    assert read("--prompt", "one", "--prompt_path", str(prompts)) == ["one", "seven", "the digit 3"]
+
+
 def test_denoiser_compiles_once_per_shape(components):
     """Steps, seeds, prompts and guidance values reuse one graph; a new shape adds one."""
     from mindspore.graph import api
