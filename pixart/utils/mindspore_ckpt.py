@@ -20,6 +20,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
+from pixart.utils.safetensors_io import bfloat16_to_float32
+
 _NUMPY_DTYPES = {
     "Float32": np.float32, "Float16": np.float16, "Float64": np.float64,
     "Int8": np.int8, "Int16": np.int16, "Int32": np.int32, "Int64": np.int64,
@@ -118,8 +120,8 @@ def _decode(buf, tag: str, dims: List[int], tensor_type: str, chunks: List[Tuple
     if tensor_type == "str":
         return raw.tobytes().decode("utf-32-le")
     shape = tuple(dims) if dims != [0] else ()
-    if tensor_type == "BFloat16":  # widen exactly: bf16 is the high half of a float32
-        array = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    if tensor_type == "BFloat16":
+        array = bfloat16_to_float32(raw)
     elif tensor_type in _NUMPY_DTYPES:
         array = raw.view(_NUMPY_DTYPES[tensor_type])
     else:

@@ -23,6 +23,11 @@ _NUMPY_DTYPES = {
 _SAFETENSORS_DTYPES = {np.dtype(v).name: k for k, v in _NUMPY_DTYPES.items()}
 
 
+def bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
+    """Little-endian bf16 bytes (uint8 array) -> float32, exactly: bf16 is a float32's high half."""
+    return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
 class SafetensorsError(ValueError):
     """A `.safetensors` file that is missing, truncated or not in the format."""
 
@@ -77,7 +82,7 @@ def load_file(path: str, names: Optional[Iterable[str]] = None) -> Dict[str, np.
             f.seek(data_start + begin)
             f.readinto(buf)
             if dtype == "BF16":
-                arr = (buf.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+                arr = bfloat16_to_float32(buf)
             else:
                 arr = buf.view(_NUMPY_DTYPES[dtype])
             out[name] = arr.reshape(info["shape"])
