@@ -89,7 +89,7 @@ def load_generator(args):
         text_encoder = T5Encoder.from_pretrained(args.text_encoder_root, dtype=ms.float32 if device == "CPU" else dtype)
     except ModelLoadError as e:
         fail(str(e))
-    pipeline = PixArtPipeline(transformer, vae, graph=args.mode == "graph", tiled_decode=args.tiled_decode)
+    pipeline = PixArtPipeline(transformer, vae, mode=args.mode, tiled_decode=args.tiled_decode)
     return DemoGenerator(tokenizer, text_encoder, max_length, pipeline, args.output_path,
                          os.path.basename(args.checkpoint), args.use_resolution_binning, args.max_images)
 

@@ -41,8 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter-free KV compression (ave/uniform) for checkpoints trained without it")
     g.add_argument("--kv_compress_ratio", type=int, help="KV compression factor per axis (default 2)")
     g.add_argument("--dtype", choices=DTYPES, default="fp32", help="compute dtype (CPU: fp32 only)")
-    g.add_argument("--mode", choices=["graph", "pynative"], default="graph",
-                   help="graph compiles the denoiser once per shape (fast); pynative runs eagerly (debugging)")
+    g.add_argument("--mode", choices=["graph", "streamed", "pynative"], default="graph",
+                   help="graph: the denoiser compiled once per shape (fastest); streamed: one compiled block "
+                        "that every block's weights run through (graph speed with the memory of one block: "
+                        "use it for XL at 512px and above on CPU, where a whole-model graph keeps ~1 GB per "
+                        "block); pynative: eager (debugging)")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", nargs="+", help="one or more prompts")
     g.add_argument("--prompt_path", help="text file, one prompt per line (blank lines skipped); on the command "
@@ -202,7 +205,7 @@ def main(argv=None) -> int:
     except ModelLoadError as e:
         fail(str(e))
     load_s = time.perf_counter() - start
-    pipeline = PixArtPipeline(transformer, vae, graph=args.mode == "graph", tiled_decode=args.tiled_decode)
+    pipeline = PixArtPipeline(transformer, vae, mode=args.mode, tiled_decode=args.tiled_decode)
     try:
         pipeline.generation_size(args.image_height, args.image_width, args.use_resolution_binning)
     except ValueError as e:

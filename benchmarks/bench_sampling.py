@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""20-step sampling: our pipeline (MindSpore, graph mode) vs diffusers' PixArtSigmaPipeline (PyTorch).
+"""20-step sampling: our pipeline (MindSpore, compiled) vs diffusers' PixArtSigmaPipeline (PyTorch).
 
 XL/2 transformer and an SDXL-sized VAE, random weights, 512px, DPM-Solver++ with guidance
 (batch 2 through the transformer). T5-XXL is left out on both sides (random caption
@@ -7,7 +7,10 @@ embeddings are passed in), as its cost does not depend on the framework loop we 
 Same machine, one run, both timed end to end from initial latents to uint8 images.
 
     python benchmarks/bench_sampling.py                # 512px, 20 steps
-    python benchmarks/bench_sampling.py --size 256 --steps 10
+    python benchmarks/bench_sampling.py --size 256 --steps 10 --mode graph
+
+Our denoiser runs in ``--mode streamed`` by default: a whole-model graph of XL at 512px
+needs about 28 GB on CPU (see bench_transformer.py); ``graph`` suits 256px or accelerators.
 """
 import argparse
 import os
@@ -24,6 +27,7 @@ def main():
     ap.add_argument("--size", type=int, default=512, help="image side in pixels")
     ap.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--mode", choices=["graph", "streamed"], default="streamed", help="our denoiser's execution mode")
     args = ap.parse_args()
 
     import mindspore as ms
@@ -64,7 +68,7 @@ def main():
     vae_params = dict(ms_vae.parameters_and_names())
     for name, value in vae.state_dict().items():
         vae_params[name].set_data(ms.Tensor(value.numpy()))
-    ours = PixArtPipeline(model, ms_vae)
+    ours = PixArtPipeline(model, ms_vae, mode=args.mode)
 
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((1, 300, 4096)).astype(np.float32)
@@ -100,7 +104,7 @@ def main():
     print(f"\n{args.steps}-step DPM-Solver++ sampling at {args.size}px, XL/2 + SDXL-sized VAE, {args.threads} threads")
     print("| pipeline | total (s) | s/step (denoiser) | ratio ours/diffusers |")
     print("|---|---|---|---|")
-    print(f"| ours, graph mode | {t_ours:.1f} | {result.seconds_per_step:.2f} | {t_ours / t_theirs:.2f} |")
+    print(f"| ours, {args.mode} mode | {t_ours:.1f} | {result.seconds_per_step:.2f} | {t_ours / t_theirs:.2f} |")
     print(f"| diffusers PixArtSigmaPipeline | {t_theirs:.1f} | {t_theirs / args.steps:.2f} (incl. decode) | 1.00 |")
     print(f"first run of ours incl. compilation: {first:.1f} s; mean abs image difference {mad:.3f}/255")
 

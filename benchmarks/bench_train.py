@@ -2,9 +2,13 @@
 """Training speed: our compiled train step vs PyTorch, and train.py with vs without the feature cache.
 
 Part 1 — one optimizer step (forward + loss + backward + optimizer) of XL/2 at 256px, batch 2,
-fp32: diffusers' PixArtTransformer2DModel + torch.optim.AdamW against our graph-mode step with
-AdamW (and CAME, what PixArt-Σ uses). Each runs in its own process (both at once would not fit
-in memory), same machine, one run; medians after warm-up.
+fp32: diffusers' PixArtTransformer2DModel + torch.optim.AdamW against our step with AdamW (and
+CAME, what PixArt-Σ uses), compiled (graph) and eager (pynative). Each runs in its own process
+(both at once would not fit in memory), same machine, one run; medians after warm-up; peak
+resident memory of each. A run that dies (out of memory) is reported as such. On CPU, MindSpore
+2.10's compiled train step keeps a buffer for every intermediate (about 1.7 GB per XL block
+at 256px), so the full 28 blocks do not fit in 24 GB: ``--depth 4`` times the same blocks
+at a depth that fits.
 
 Part 2 — images/s of train.py on a small synthetic dataset with the VAE and a T5 encoder
 run on the fly versus read from tools/cache_features.py's cache (mid-size random models: an
@@ -44,13 +48,18 @@ def batch(seed=0):
                 aspect_ratio=np.ones((2, 1), np.float32))
 
 
-def torch_step_times(steps):
+def peak_rss_gb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def torch_step_times(steps, depth):
     """diffusers model, eps-MSE + learned-variance output, torch AdamW."""
     import torch
     from diffusers import PixArtTransformer2DModel
 
     torch.set_num_threads(os.cpu_count())
-    model = PixArtTransformer2DModel(**XL).train()
+    model = PixArtTransformer2DModel(**{**XL, "num_layers": depth}).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=3e-2, eps=1e-10)
     b = {k: torch.from_numpy(v) for k, v in batch().items()}
     alphas = torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))).float()
@@ -70,17 +79,17 @@ def torch_step_times(steps):
     return times
 
 
-def ours_step_times(steps, optimizer):
+def ours_step_times(steps, depth, optimizer, mode):
     import mindspore as ms
     from pixart.models.pixart import PixArtConfig, build_model
     from pixart.training.train_step import TrainStep
 
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_device("CPU")
-    model = build_model(PixArtConfig(input_size=32, pe_interpolation=0.5, multi_scale=False))
+    model = build_model(PixArtConfig(input_size=32, pe_interpolation=0.5, multi_scale=False, depth=depth))
     args = argparse.Namespace(optimizer=optimizer, lr=2e-5, weight_decay=0.0 if optimizer == "came" else 3e-2,
                               betas=None, eps=None if optimizer == "came" else [1e-10], ema_decay=0.0,
-                              grad_clip=0.01, grad_accumulation=1, dtype="fp32", loss_scale=1.0, mode="graph")
+                              grad_clip=0.01, grad_accumulation=1, dtype="fp32", loss_scale=1.0, mode=mode)
     step = TrainStep(model, args)
     b = batch()
     times = []
@@ -91,25 +100,36 @@ def ours_step_times(steps, optimizer):
     return times
 
 
-def part1(steps):
+def part1(steps, depth, modes):
+    runs = [("PyTorch (diffusers + torch AdamW)", f"torch_step_times({steps}, {depth})")]
+    for mode in modes:
+        runs += [(f"ours, {mode}, AdamW", f"ours_step_times({steps}, {depth}, 'adamw', {mode!r})"),
+                 (f"ours, {mode}, CAME", f"ours_step_times({steps}, {depth}, 'came', {mode!r})")]
     rows = []
-    for name, code in (("PyTorch (diffusers + torch AdamW)", f"torch_step_times({steps})"),
-                       ("ours, graph mode, AdamW", f"ours_step_times({steps}, 'adamw')"),
-                       ("ours, graph mode, CAME", f"ours_step_times({steps}, 'came')")):
+    for name, code in runs:
         out = subprocess.run([sys.executable, "-c", f"import json, sys; sys.path.insert(0, {ROOT!r}); "
-                              f"from benchmarks.bench_train import *; print('TIMES', json.dumps({code}))"],
+                              f"from benchmarks.bench_train import *; times = {code}; "
+                              f"print('RESULT', json.dumps([times, peak_rss_gb()]))"],
                              cwd=ROOT, capture_output=True, text=True)
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("TIMES")]
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
         if not line:
-            raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
-        times = json.loads(line[0][6:])
-        rows.append((name, times[0], statistics.median(times[2:] or times[1:])))
+            why = "killed (out of memory)" if out.returncode in (-9, 137) else f"failed, exit {out.returncode}"
+            print(f"{name}: {why}\n{out.stderr[-1500:]}")
+            rows.append((name, None, None, None))
+            continue
+        times, rss = json.loads(line[0][7:])
+        rows.append((name, times[0], statistics.median(times[2:] or times[1:]), rss))
     base = rows[0][2]
-    print(f"\nTrain step, XL/2 256px, batch 2, fp32, {os.cpu_count()} threads (median of steps 3..{steps})")
-    print("| implementation | first step incl. compile (s) | step (s) | ratio to PyTorch |")
-    print("|---|---|---|---|")
-    for name, first, med in rows:
-        print(f"| {name} | {first:.1f} | {med:.2f} | {med / base:.2f} |")
+    print(f"\nTrain step, XL/2 width, {depth} blocks, 256px, batch 2, fp32, {os.cpu_count()} threads "
+          f"(median of steps 3..{steps})")
+    print("| implementation | first step incl. compile (s) | step (s) | ratio to PyTorch | peak RSS (GiB) |")
+    print("|---|---|---|---|---|")
+    for name, first, med, rss in rows:
+        if med is None:
+            print(f"| {name} | — | did not run (see above) | — | — |")
+        else:
+            ratio = f"{med / base:.2f}" if base else "—"
+            print(f"| {name} | {first:.1f} | {med:.2f} | {ratio} | {rss:.1f} |")
 
 
 def part2(steps):
@@ -159,9 +179,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", type=int, choices=[1, 2], help="run only one part")
     ap.add_argument("--steps", type=int, default=6, help="steps per measurement")
+    ap.add_argument("--depth", type=int, default=28, help="part 1: transformer blocks (default 28, the real XL/2)")
+    ap.add_argument("--modes", nargs="+", choices=["graph", "pynative"], default=["graph", "pynative"],
+                    help="part 1: our execution modes to time")
     args = ap.parse_args()
     if args.part in (None, 1):
-        part1(args.steps)
+        part1(args.steps, args.depth, args.modes)
     if args.part in (None, 2):
         part2(args.steps)
 

@@ -1,13 +1,18 @@
 #!/usr/bin/env python
-"""Transformer forward: ours (MindSpore, graph mode) vs diffusers (PyTorch), same machine, one run.
+"""Transformer forward: ours (MindSpore, compiled) vs diffusers (PyTorch), same machine, one run.
 
 XL/2 with random weights, batch 2 (a classifier-free-guidance pair), 300 caption tokens.
 Runs are interleaved (ours, theirs, ours, ...) so both see the same machine load; we report
 medians, the ratio ours/theirs (<= 1.0 means we are not slower), and achieved GFLOP/s next
 to the fp32 GEMM peak each framework reaches in this run on an XL-sized matmul.
 
+Our two compiled modes: ``graph`` (the whole model one graph) and ``streamed`` (one block
+graph that every block's weights run through; ``sample.py --mode streamed``). On CPU a
+whole-model graph keeps about 1 GB per XL block at 512px, more than this machine's 24 GB, so
+``graph`` is timed only up to ``--graph_max_size``.
+
     python benchmarks/bench_transformer.py                 # 256px and 512px
-    python benchmarks/bench_transformer.py --sizes 256 --repeats 5
+    python benchmarks/bench_transformer.py --sizes 256 --repeats 5 --modes graph
 """
 import argparse
 import os
@@ -47,16 +52,20 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sizes (latent = size / 8)")
     ap.add_argument("--repeats", type=int, default=3, help="timed forwards per framework and size")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both frameworks")
+    ap.add_argument("--modes", nargs="+", choices=["graph", "streamed"], default=["graph", "streamed"],
+                    help="our execution modes to time (default: both)")
+    ap.add_argument("--graph_max_size", type=int, default=256,
+                    help="largest size timed in whole-model graph mode (default 256: 512px needs ~28 GB on CPU)")
     args = ap.parse_args()
 
     import mindspore as ms
     import torch
     from diffusers import PixArtTransformer2DModel
 
-    from pixart.models.pixart import PixArtConfig, build_model
+    from pixart.models.pixart import BlockStreamedForward, PixArtConfig, build_model
 
     torch.set_num_threads(args.threads)
-    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # as sample.py: ms.jit compiles what runs in graph mode
     ms.set_device("CPU")
 
     # GEMM peak: the MLP fc1 shape at 256px, batch 2 (512 tokens x 1152 -> 4608)
@@ -88,9 +97,10 @@ def main():
     model.set_train(False)
 
     @ms.jit
-    def ours_forward(x, t, y, mask):
+    def graph_forward(x, t, y, mask):
         return model(x, t, y, mask)
 
+    forwards = {"graph": graph_forward, "streamed": BlockStreamedForward(model)}
     rows = []
     for size in args.sizes:
         lat = size // 8
@@ -105,32 +115,37 @@ def main():
                        encoder_hidden_states=torch.from_numpy(y), encoder_attention_mask=torch.from_numpy(mask),
                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
 
-        def run_ours():
-            return ours_forward(*ms_args).asnumpy()
-
         def run_theirs():
             with torch.no_grad():
                 return torch_model(**th_args)[0].numpy()
 
-        start = time.perf_counter()
-        out_ours = run_ours()
-        compile_s = time.perf_counter() - start
+        modes = [m for m in args.modes if m != "graph" or size <= args.graph_max_size]
+        runs = {m: (lambda f=forwards[m]: f(*ms_args).asnumpy()) for m in modes}
+        compile_s, err = {}, {}
         out_theirs = run_theirs()
-        err = float(np.abs(out_ours - out_theirs).max())
-        ours_t, theirs_t = [], []
+        for m, run in runs.items():
+            start = time.perf_counter()
+            out = run()
+            compile_s[m] = time.perf_counter() - start
+            err[m] = float(np.abs(out - out_theirs).max())
+        times = {m: [] for m in [*runs, "theirs"]}
         for _ in range(args.repeats):
-            ours_t += timed(run_ours, 1)
-            theirs_t += timed(run_theirs, 1)
-        o, th = statistics.median(ours_t), statistics.median(theirs_t)
+            for m, run in runs.items():
+                times[m] += timed(run, 1)
+            times["theirs"] += timed(run_theirs, 1)
+        th = statistics.median(times["theirs"])
         flops = forward_flops((lat // 2) ** 2)
-        rows.append((size, o, th, o / th, flops / o / 1e9, flops / th / 1e9, compile_s, err))
+        for m in runs:
+            o = statistics.median(times[m])
+            rows.append((size, m, o, th, o / th, flops / o / 1e9, flops / th / 1e9, compile_s[m], err[m]))
 
     print(f"\nXL/2 forward, batch 2, {args.threads} threads, median of {args.repeats} (interleaved)")
-    print("| size | ours (s) | diffusers (s) | ratio ours/diffusers | ours GFLOP/s | diffusers GFLOP/s "
+    print("| size | our mode | ours (s) | diffusers (s) | ratio ours/diffusers | ours GFLOP/s | diffusers GFLOP/s "
           "| first call incl. compile (s) | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|")
-    for size, o, th, ratio, gf_o, gf_t, comp, err in rows:
-        print(f"| {size}px | {o:.2f} | {th:.2f} | {ratio:.2f} | {gf_o:.0f} | {gf_t:.0f} | {comp:.1f} | {err:.1e} |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size, mode, o, th, ratio, gf_o, gf_t, comp, err in rows:
+        print(f"| {size}px | {mode} | {o:.2f} | {th:.2f} | {ratio:.2f} | {gf_o:.0f} | {gf_t:.0f} | {comp:.1f} "
+              f"| {err:.1e} |")
     print(f"GEMM peak in this run: mindspore {ms_peak:.0f}, torch {torch_peak:.0f} GFLOP/s")
 
 

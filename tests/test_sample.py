@@ -89,8 +89,10 @@ def assert_images_close(ours, theirs):
         assert mad <= 1.0, f"mean abs difference {mad:.3f}/255 > 1/255"
 
 
-@pytest.mark.parametrize("height,width,negative", [(64, 64, ""), (64, 96, ""), (64, 64, "blurry, low quality"), (64, 96, "blurry, low quality")])
-def test_dpm_matches_pixart_sigma_pipeline(components, tmp_path, height, width, negative):
+@pytest.mark.parametrize("height,width,negative,mode", [(64, 64, "", "graph"), (64, 96, "", "streamed"),
+                                                        (64, 64, "blurry, low quality", "streamed"),
+                                                        (64, 96, "blurry, low quality", "graph")])
+def test_dpm_matches_pixart_sigma_pipeline(components, tmp_path, height, width, negative, mode):
     c = components
     latents = np.random.default_rng(1).standard_normal((2, 4, height // 8, width // 8)).astype(np.float32)
     pipe = diffusers_pipeline(c, dpm_scheduler())
@@ -99,7 +101,7 @@ def test_dpm_matches_pixart_sigma_pipeline(components, tmp_path, height, width, 
                     use_resolution_binning=False, clean_caption=False, max_sequence_length=300).images
     ours, stdout = run_sample_py(c, tmp_path, latents, height, width, "--prompt", *PROMPTS,
                                  "--negative_prompt", negative, "--sampling_method", "dpm", "--sampling_steps", "10",
-                                 "--guidance_scale", "4.5", "--use_resolution_binning", "False")
+                                 "--guidance_scale", "4.5", "--use_resolution_binning", "False", "--mode", mode)
     assert_images_close(ours, [np.asarray(im) for im in expected])
     assert "s/step" in stdout
 

@@ -447,9 +447,7 @@ class PixArt(nn.Cell):
         if cfg.micro_condition:
             self.csize_embedder = SizeEmbedder(d // 3, compute_dtype=dtype)
             self.ar_embedder = SizeEmbedder(d // 3, compute_dtype=dtype)
-        compressed = set(cfg.kv_compress_layers)
-        self.blocks = nn.CellList([
-            PixArtBlock(cfg, cfg.kv_compress_ratio if i in compressed else 1, dtype) for i in range(cfg.depth)])
+        self.blocks = nn.CellList([PixArtBlock(cfg, ratio, dtype) for ratio in self.block_kv_ratios()])
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels, dtype)
         self.initialize_weights()
 
@@ -464,10 +462,25 @@ class PixArt(nn.Cell):
         return Tensor(sincos_pos_embed_2d(cfg.hidden_size, h, w, float(cfg.pe_interpolation), int(cfg.base_size)))
 
     def construct(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_caption=None):
-        b, _, hh, ww = x.shape
-        p = self.config.patch_size
-        h, w = hh // p, ww // p
+        h, w = self.token_grid(x)
+        x, y, t, t6, y_bias = self.embed(x, timestep, y, mask, resolution, aspect_ratio, drop_caption)
+        for block in self.blocks:
+            x = block(x, y, t6, y_bias, h, w)
+        return self.head(x, t, h, w)
+
+    def token_grid(self, x):
+        """(h, w) token grid of latents x (B, C, H, W), after checking H, W suit this model."""
+        _, _, hh, ww = x.shape
         self.check_input_size(hh, ww)
+        p = self.config.patch_size
+        return hh // p, ww // p
+
+    def embed(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_caption=None):
+        """construct's inputs -> what every block reads: image tokens x (B, N, D), caption
+        tokens y (B, L, D), timestep embedding t (B, D), its adaLN projection t6 (B, 6D) and
+        the caption attention bias y_bias (B, 1, 1, L)."""
+        b = x.shape[0]
+        h, w = self.token_grid(x)
         x = self.x_embedder(x.astype(self.dtype)) + self.pos_embed(h, w).astype(self.dtype)[None]
         t = self.t_embedder(timestep)
         if self.config.micro_condition:
@@ -479,10 +492,16 @@ class PixArt(nn.Cell):
             y_bias = ops.zeros((b, 1, 1, y.shape[1]), ms.float32)
         else:
             y_bias = ((1.0 - mask.astype(ms.float32)) * MASK_BIAS).reshape(b, 1, 1, -1)
-        for block in self.blocks:
-            x = block(x, y, t6, y_bias, h, w)
-        x = self.final_layer(x, t)
-        return self.unpatchify(x, h, w).astype(ms.float32)
+        return x, y, t, t6, y_bias
+
+    def head(self, x, t, h: int, w: int):
+        """Final layer and unpatchify: tokens (B, N, D), t (B, D) -> (B, out_channels, H, W) float32."""
+        return self.unpatchify(self.final_layer(x, t), h, w).astype(ms.float32)
+
+    def block_kv_ratios(self):
+        """The KV-compression ratio of each block (1: no compression)."""
+        cfg = self.config
+        return [cfg.kv_compress_ratio if i in set(cfg.kv_compress_layers) else 1 for i in range(cfg.depth)]
 
     def unpatchify(self, x, h: int, w: int):
         """(B, h*w, p*p*out) -> (B, out, h*p, w*p)."""
@@ -544,6 +563,54 @@ class PixArtMS(PixArt):
         p = self.config.patch_size
         if height % p or width % p:
             raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {p}")
+
+
+class BlockStreamedForward:
+    """Compiled forward of a PixArt model with the memory of one block: ``model(...)``'s result.
+
+    A whole-model graph on MindSpore's CPU runtime keeps a buffer for every intermediate of
+    every block (about 1 GB per XL block at 512px, 28 GB in all). Here the embeddings, one
+    block and the head are separate graphs, and the block graph takes a block's weights as
+    inputs and copies them into a template block before running it, so all blocks share one
+    compiled graph and one set of buffers. Each block costs one graph launch and a copy of its
+    weights (85 MB at XL) on top of its compute.
+    """
+
+    def __init__(self, model: PixArt):
+        self.model = model
+
+        # plain functions, not ms.jit(model.embed): MindSpore 2.10 mixes up the graphs of
+        # jitted bound methods with later whole-model graphs of the same cell
+        def embed(*inputs):
+            return model.embed(*inputs)
+
+        def head(x, t, h, w):
+            return model.head(x, t, h, w)
+
+        self._embed = ms.jit(embed)
+        self._head = ms.jit(head)
+        self._run_block = {ratio: self._compile_block(ratio) for ratio in set(model.block_kv_ratios())}
+
+    def _compile_block(self, kv_ratio: int):
+        template = PixArtBlock(self.model.config, kv_ratio, self.model.dtype)
+        slots = list(template.get_parameters())
+        for slot in slots:
+            slot.requires_grad = False
+
+        def run_block(x, y, t6, y_bias, h, w, *weights):
+            for slot, value in zip(slots, weights):
+                ops.assign(slot, value)
+            return template(x, y, t6, y_bias, h, w)
+
+        return ms.jit(run_block)
+
+    def __call__(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_caption=None):
+        h, w = self.model.token_grid(x)
+        x, y, t, t6, y_bias = self._embed(x, timestep, y, mask, resolution, aspect_ratio, drop_caption)
+        for block, ratio in zip(self.model.blocks, self.model.block_kv_ratios()):
+            # plain tensors over the parameters' data: no copy, and no gradient tracking
+            x = self._run_block[ratio](x, y, t6, y_bias, h, w, *(Tensor(p) for p in block.get_parameters()))
+        return self._head(x, t, h, w)
 
 
 def build_model(config: PixArtConfig, dtype=ms.float32) -> PixArt:

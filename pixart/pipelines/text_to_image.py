@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 
 from pixart.data.buckets import resolution_binning
 from pixart.diffusion.samplers import make_sampler
+from pixart.models.pixart import BlockStreamedForward
 
+EXECUTION_MODES = ("graph", "streamed", "pynative")
 BINNING_TABLES = {32: 256, 64: 512, 128: 1024, 256: 2048}  # trained latent size -> bucket table
 
 
@@ -79,34 +81,37 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 class GuidedDenoiser:
     """The transformer as the samplers see it: ``(latents, t) -> model output`` with guidance.
 
-    In graph mode each distinct input shape compiles once; timestep and guidance scale are
-    tensor inputs, so steps, seeds, prompts and guidance values reuse the same graph.
+    mode: ``graph`` compiles the whole guided forward, ``streamed`` compiles one block and runs
+    every block's weights through it (``BlockStreamedForward``: the memory of one block, for
+    large images on CPU), ``pynative`` runs eagerly. In both compiled modes each distinct input
+    shape compiles once; timestep and guidance scale are tensor inputs, so steps, seeds,
+    prompts and guidance values reuse the same graphs.
     """
 
-    def __init__(self, model, graph: bool = True):
+    def __init__(self, model, mode: str = "graph"):
+        if mode not in EXECUTION_MODES:
+            raise ValueError(f"mode must be one of {', '.join(EXECUTION_MODES)}, got {mode!r}")
         self.model = model
+        self.forward = BlockStreamedForward(model) if mode == "streamed" else model
         self.latent_channels = model.config.in_channels
         self.micro_condition = model.config.micro_condition
-        self._guided = self._compile(self._guided_forward, graph)
-        self._plain = self._compile(self._plain_forward, graph)
-
-    @staticmethod
-    def _compile(fn, graph):
-        return ms.jit(fn) if graph else fn
+        compile_ = ms.jit if mode == "graph" else (lambda fn: fn)
+        self._guided = compile_(self._guided_forward)
+        self._plain = compile_(self._plain_forward)
 
     def _guided_forward(self, x, t, y, mask, guidance, resolution, aspect_ratio):
         b = x.shape[0]
         c = self.latent_channels
         x2 = ops.concat([x, x], axis=0)
         t2 = ops.broadcast_to(t.reshape(1), (2 * b,))
-        out = self.model(x2, t2, y, mask, resolution, aspect_ratio)
+        out = self.forward(x2, t2, y, mask, resolution, aspect_ratio)
         uncond, cond = out[:b], out[b:]
         eps = uncond[:, :c] + guidance * (cond[:, :c] - uncond[:, :c])
         return ops.concat([eps, cond[:, c:]], axis=1)
 
     def _plain_forward(self, x, t, y, mask, resolution, aspect_ratio):
         t1 = ops.broadcast_to(t.reshape(1), (x.shape[0],))
-        return self.model(x, t1, y, mask, resolution, aspect_ratio)
+        return self.forward(x, t1, y, mask, resolution, aspect_ratio)
 
     def __call__(self, latents: np.ndarray, t: int, cond: TextEmbeddings, uncond: Optional[TextEmbeddings],
                  guidance_scale: float, micro: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> np.ndarray:
@@ -147,10 +152,10 @@ class PixArtPipeline:
     before these models are loaded.
     """
 
-    def __init__(self, transformer, vae, graph: bool = True, tiled_decode: bool = True):
+    def __init__(self, transformer, vae, mode: str = "graph", tiled_decode: bool = True):
         self.transformer = transformer
         self.vae = vae
-        self.denoiser = GuidedDenoiser(transformer, graph=graph)
+        self.denoiser = GuidedDenoiser(transformer, mode)
         self.tiled_decode = tiled_decode
         self.vae_factor = vae.config.downsample_factor
         self.patch = transformer.config.patch_size

@@ -219,7 +219,7 @@ class Trainer:
                 counts[r.size] = counts.get(r.size, 0) + 1
             sizes = sorted(counts, key=counts.get, reverse=True)[:2]
             self._validation = (TextEmbeddings(emb[:-1], mask[:-1]), TextEmbeddings(emb[-1:], mask[-1:]), sizes,
-                                PixArtPipeline(self.model, self.encoder.vae, graph=args.mode == "graph"))
+                                PixArtPipeline(self.model, self.encoder.vae, mode=args.mode))
         text, null, sizes, pipeline = self._validation
         folder = os.path.join(args.output_path, "validation", f"step-{step:08d}")
         n = len(text)
