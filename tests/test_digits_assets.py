@@ -39,11 +39,12 @@ ms.set_device("CPU")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "models", "pixart-digits")
+CLASSIFIER = os.path.join(ROOT, "models", "digits-classifier")
 VAE_MSE_LIMIT = 0.025
 
 
 def model_folder(name):
-    folder = os.path.join(MODEL, name)
+    folder = CLASSIFIER if name == "classifier" else os.path.join(MODEL, name)
     if not os.path.isdir(folder):
         pytest.fail(f"{folder} is missing; see models/pixart-digits/README.md to rebuild it")
     return folder
@@ -249,7 +250,7 @@ def test_evaluate_digits_rates_real_digits(tmp_path, mnist):
 
 # ---------------------------------------------------------------- the trained transformer
 
-ADHERENCE_FLOOR = 0.5  # far above chance (0.1); the measured figure on 560 samples is in the model README
+ADHERENCE_FLOOR = 0.9  # chance is 0.1; measured 99.5% on 560 samples (model README), 40 here leave margin
 
 
 def test_committed_model_draws_the_prompted_digits(tmp_path):

@@ -17,7 +17,7 @@ writes; grids and other files are skipped) and names exactly one digit ("seven",
 
 The classifier is trained on the held-out split (digits the generator never saw), its
 accuracy measured on the training split, and it is cached in
-``models/pixart-digits/classifier/`` so that evaluations are reproducible and fast.
+``models/digits-classifier/`` so that evaluations are reproducible and fast.
 Needs the digits of ``tools/prepare_digits.py`` (``--data_dir``).
 """
 import argparse
@@ -100,8 +100,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", nargs="?", help="folder of generated PNGs (sample.py output)")
     p.add_argument("--data_dir", default="data/digits", help="tools/prepare_digits.py output (default: data/digits)")
-    p.add_argument("--classifier", default="models/pixart-digits/classifier",
-                   help="cached classifier folder (default: models/pixart-digits/classifier)")
+    p.add_argument("--classifier", default="models/digits-classifier",
+                   help="cached classifier folder (default: models/digits-classifier)")
     p.add_argument("--retrain", action="store_true", help="train the classifier again and overwrite the cache")
     p.add_argument("--json", help="also write the report to this JSON file")
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier and the real sample (default: 0)")

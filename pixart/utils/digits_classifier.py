@@ -1,13 +1,14 @@
 """A small MNIST-digit CNN: the judge of the miniature model's samples.
 
 Trained on the held-out real digits of ``tools/prepare_digits.py`` (which the generator
-never saw) with random shifts, it gives ``tools/evaluate_digits.py`` two things: the digit
-a generated image shows (prompt adherence) and a 128-d penultimate feature vector per
-image (the space of the Fréchet distance, as Inception's pool features are for FID).
+never saw) with random small rotations, scalings and shifts, it gives
+``tools/evaluate_digits.py`` two things: the digit a generated image shows (prompt
+adherence) and a 128-d penultimate feature vector per image (the space of the Fréchet
+distance, as Inception's pool features are for FID).
 
     (B, 1, 32, 32) grey in [0, 1]
-    -> 3 x [3x3 conv, ReLU, 2x2 max-pool]: 16, 32, 64 channels, 32 -> 4 pixels
-    -> Dense 1024 -> 128, ReLU (features) -> Dense 128 -> 10 (logits)
+    -> 3 x [3x3 conv, ReLU, 2x2 max-pool]: w, 2w, 4w channels (w = 32), 32 -> 4 pixels
+    -> Dense 64w -> 128, ReLU (features) -> Dense 128 -> 10 (logits)
 
 The convolutions are im2col (``ops.unfold``, which also pads) plus a matmul: MindSpore's
 CPU convolution kernel is about 10x slower, and back-propagating through ``ops.pad`` in a
@@ -32,7 +33,11 @@ from pixart.utils.hf_folder import load_weights, read_config
 from pixart.utils.safetensors_io import save_file
 
 SIDE = 32
-MAX_SHIFT = 2  # pixels of random translation in training: the 2-pixel border of the 32x32 digits
+# training augmentation, the range of natural handwriting variation (measured on the 4,500
+# training digits: shifts alone gave 95.1% accuracy, this with width 32 gives 96.2%)
+MAX_SHIFT = 2.0     # pixels each way: the 2-pixel border of the 32x32 digits
+MAX_ROTATION = 12.0  # degrees each way
+MAX_SCALE = 0.1     # relative, each way
 
 
 class Conv3x3(nn.Cell):
@@ -54,7 +59,7 @@ class Conv3x3(nn.Cell):
 class DigitClassifier(nn.Cell):
     """(B, 1, 32, 32) grey images in [0, 1] -> (B, 10) logits; ``features`` gives (B, feature_dim)."""
 
-    def __init__(self, width: int = 16, feature_dim: int = 128):
+    def __init__(self, width: int = 32, feature_dim: int = 128):
         super().__init__()
         self.config = {"width": width, "feature_dim": feature_dim}
         chans = (1, width, 2 * width, 4 * width)
@@ -87,11 +92,20 @@ def to_input(images: np.ndarray) -> np.ndarray:
     return (grey / 255.0).astype(np.float32)[:, None]
 
 
-def _random_shifts(x: np.ndarray, rng) -> np.ndarray:
-    """Each image rolled by up to MAX_SHIFT pixels each way (only black border wraps around)."""
+def _random_affine(x: np.ndarray, rng) -> np.ndarray:
+    """(N, 1, 32, 32): each image rotated, scaled and shifted at random about its centre (bilinear)."""
     out = np.empty_like(x)
-    for i, (dy, dx) in enumerate(rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, size=(len(x), 2))):
-        out[i] = np.roll(x[i], (dy, dx), axis=(1, 2))
+    centre = (SIDE - 1) / 2
+    for i in range(len(x)):
+        angle = np.deg2rad(rng.uniform(-MAX_ROTATION, MAX_ROTATION))
+        scale = rng.uniform(1 - MAX_SCALE, 1 + MAX_SCALE)
+        dy, dx = rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2)
+        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+        # PIL maps each output pixel (u, v) to the input pixel (a u + b v + c, d u + e v + f)
+        inverse = (cos, sin, centre - cos * centre - sin * centre - dx,
+                   -sin, cos, centre + sin * centre - cos * centre - dy)
+        out[i, 0] = np.asarray(Image.fromarray(x[i, 0]).transform((SIDE, SIDE), Image.AFFINE, inverse,
+                                                                  resample=Image.BILINEAR))
     return out
 
 
@@ -104,11 +118,11 @@ def _init_weights(model: DigitClassifier, seed: int) -> None:
         param.set_data(Tensor(rng.uniform(-1, 1, param.shape).astype(np.float32) * fan_in ** -0.5))
 
 
-def train_classifier(images: np.ndarray, digits: np.ndarray, epochs: int = 40, batch_size: int = 50,
-                     lr: float = 2e-3, seed: int = 0) -> DigitClassifier:
+def train_classifier(images: np.ndarray, digits: np.ndarray, epochs: int = 80, batch_size: int = 50,
+                     lr: float = 2e-3, seed: int = 0, width: int = 32) -> DigitClassifier:
     """Train on (N, H, W, 3) uint8 images and their (N,) digits; returns the model in eval mode."""
     x, y = to_input(images), np.asarray(digits, np.int32)
-    model = DigitClassifier()
+    model = DigitClassifier(width)
     _init_weights(model, seed)
     optimizer = nn.Adam(model.trainable_params(), learning_rate=lr, weight_decay=1e-4)
     loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
@@ -130,8 +144,8 @@ def train_classifier(images: np.ndarray, digits: np.ndarray, epochs: int = 40, b
     bar = tqdm(range(epochs), desc="training digit classifier", unit="epoch")
     for _ in bar:
         order = rng.permutation(len(x))
-        shifted = _random_shifts(x, rng)
-        losses = [float(step(Tensor(shifted[idx]), Tensor(y[idx])))
+        augmented = _random_affine(x, rng)
+        losses = [float(step(Tensor(augmented[idx]), Tensor(y[idx])))
                   for idx in np.split(order[:steps * batch_size], steps)]
         bar.set_postfix(loss=f"{np.mean(losses):.4f}")
     model.set_train(False)

@@ -16,6 +16,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from pixart.utils.errors import ModelLoadError
+from pixart.utils.mindspore_ckpt import NUMPY_DTYPES
 from pixart.utils.safetensors_io import SafetensorsError, iter_sharded_folder
 
 
@@ -81,7 +82,7 @@ def load_weights(cell: nn.Cell, folder: str, weights_name: str,
 def _as_tensor(array: np.ndarray, dtype) -> Tensor:
     if dtype == ms.bfloat16:  # NumPy has no bf16: convert through an fp32 tensor
         return Tensor(array.astype(np.float32, copy=False)).astype(ms.bfloat16)
-    array = np.ascontiguousarray(array.astype(ms.dtype_to_nptype(dtype), copy=False))
+    array = np.ascontiguousarray(array.astype(NUMPY_DTYPES[str(dtype)], copy=False))
     return Tensor.from_numpy(array)  # shares the buffer: no second copy of the weights
 
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from pixart.utils.safetensors_io import bfloat16_to_float32
 
-_NUMPY_DTYPES = {
+# keyed by MindSpore's dtype names (str(ms.float32) == "Float32"), as .ckpt files store them
+NUMPY_DTYPES = {
     "Float32": np.float32, "Float16": np.float16, "Float64": np.float64,
     "Int8": np.int8, "Int16": np.int16, "Int32": np.int32, "Int64": np.int64,
     "UInt8": np.uint8, "UInt16": np.uint16, "UInt32": np.uint32, "UInt64": np.uint64, "Bool": np.bool_,
@@ -122,8 +123,8 @@ def _decode(buf, tag: str, dims: List[int], tensor_type: str, chunks: List[Tuple
     shape = tuple(dims) if dims != [0] else ()
     if tensor_type == "BFloat16":
         array = bfloat16_to_float32(raw)
-    elif tensor_type in _NUMPY_DTYPES:
-        array = raw.view(_NUMPY_DTYPES[tensor_type])
+    elif tensor_type in NUMPY_DTYPES:
+        array = raw.view(NUMPY_DTYPES[tensor_type])
     else:
         raise CheckpointFormatError(f"tensor {tag!r} has unsupported type {tensor_type!r}")
     if array.size != int(np.prod(shape)):
