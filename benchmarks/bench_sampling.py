@@ -81,8 +81,9 @@ def main():
 
     def run_theirs():
         with torch.no_grad():
+            # negative_prompt=None: diffusers refuses its default "" beside negative_prompt_embeds
             return pipe(prompt_embeds=torch.from_numpy(emb), prompt_attention_mask=torch.from_numpy(mask),
-                        negative_prompt_embeds=torch.from_numpy(neg),
+                        negative_prompt=None, negative_prompt_embeds=torch.from_numpy(neg),
                         negative_prompt_attention_mask=torch.from_numpy(neg_mask), latents=torch.from_numpy(latents),
                         num_inference_steps=args.steps, guidance_scale=4.5, height=args.size, width=args.size,
                         use_resolution_binning=False, output_type="np").images
