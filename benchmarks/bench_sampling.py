@@ -102,11 +102,20 @@ def main():
     theirs = run_theirs()
     t_theirs = time.perf_counter() - start
     mad = np.abs(result.images.astype(np.float64) - (theirs * 255).round()).mean()
+    start = time.perf_counter()
+    ours.decode(latents)
+    decode_ours = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        vae.decode(torch.from_numpy(latents) / vae.config.scaling_factor)
+    decode_theirs = time.perf_counter() - start
     print(f"\n{args.steps}-step DPM-Solver++ sampling at {args.size}px, XL/2 + SDXL-sized VAE, {args.threads} threads")
     print("| pipeline | total (s) | s/step (denoiser) | ratio ours/diffusers |")
     print("|---|---|---|---|")
     print(f"| ours, {args.mode} mode | {t_ours:.1f} | {result.seconds_per_step:.2f} | {t_ours / t_theirs:.2f} |")
     print(f"| diffusers PixArtSigmaPipeline | {t_theirs:.1f} | {t_theirs / args.steps:.2f} (incl. decode) | 1.00 |")
+    print(f"VAE decode alone (in both totals): ours {decode_ours:.1f} s, diffusers {decode_theirs:.1f} s, "
+          f"ratio {decode_ours / decode_theirs:.2f}")
     print(f"our 2-step warm-up run incl. compilation: {first:.1f} s; mean abs image difference {mad:.3f}/255")
 
 

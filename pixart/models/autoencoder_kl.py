@@ -31,7 +31,7 @@ from mindspore.common.initializer import initializer
 from pixart.utils.errors import ModelLoadError
 from pixart.utils.hf_folder import load_weights, read_config
 
-_IM2COL_BUDGET = 1 << 25   # elements of one im2col buffer (128 MiB in fp32)
+_IM2COL_BUDGET = 1 << 26   # elements of one im2col buffer (256 MiB in fp32)
 _SCORES_BUDGET = 1 << 24   # elements of one block of attention scores (64 MiB in fp32)
 _DTYPES = (ms.float32, ms.float16, ms.bfloat16)
 
@@ -106,7 +106,7 @@ class Conv2d(nn.Cell):
         weight = self.weight.reshape(out_channels, c * k * k)
         bias = self.bias.reshape(1, out_channels, 1)
         if k == 1 and s == 1 and p == 0:
-            return (ops.matmul(weight, x.reshape(b, c, h * w)) + bias).reshape(b, out_channels, h, w)
+            return (_weight_matmul(weight, x.reshape(b, c, h * w)) + bias).reshape(b, out_channels, h, w)
         if p:
             x = zero_pad(x, p, p, p, p)
         ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
@@ -115,8 +115,17 @@ class Conv2d(nn.Cell):
         for r0 in range(0, ho, rows):
             r1 = min(ho, r0 + rows)
             cols = ops.unfold(x[:, :, r0 * s:(r1 - 1) * s + k], k, 1, 0, s)  # (B, C*k*k, (r1-r0)*wo)
-            bands.append((ops.matmul(weight, cols) + bias).reshape(b, out_channels, r1 - r0, wo))
+            bands.append((_weight_matmul(weight, cols) + bias).reshape(b, out_channels, r1 - r0, wo))
         return bands[0] if len(bands) == 1 else ops.concat(bands, axis=2)
+
+
+def _weight_matmul(weight, cols):
+    """(O, K) @ (B, K, N) -> (B, O, N). A single image (every decode) takes the 2-D matmul
+    kernel, which runs these wide shapes about 1.3x faster than the batched one on CPU."""
+    b, k, n = cols.shape
+    if b == 1:
+        return ops.matmul(weight, cols.reshape(k, n)).reshape(1, weight.shape[0], n)
+    return ops.matmul(weight, cols)
 
 
 def zero_pad(x, left: int, right: int, top: int, bottom: int):
