@@ -43,11 +43,14 @@ CLASSIFIER = os.path.join(ROOT, "models", "digits-classifier")
 VAE_MSE_LIMIT = 0.025
 
 
-def model_folder(name):
-    folder = CLASSIFIER if name == "classifier" else os.path.join(MODEL, name)
+def committed_folder(folder):
     if not os.path.isdir(folder):
         pytest.fail(f"{folder} is missing; see models/pixart-digits/README.md to rebuild it")
     return folder
+
+
+def model_folder(name):
+    return committed_folder(os.path.join(MODEL, name))
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +231,7 @@ def test_frechet_rejects_mismatched_shapes():
 
 def test_evaluate_digits_rates_real_digits(tmp_path, mnist):
     images, labels, train, _ = mnist
-    classifier = load_classifier(model_folder("classifier"))
+    classifier = load_classifier(committed_folder(CLASSIFIER))
     rng = np.random.default_rng(0)
     rows = np.concatenate([rng.choice(train[labels[train] == d], 3, replace=False) for d in range(10)])
     for i, row in enumerate(rows):  # digits the classifier never saw, saved as sample.py saves samples
@@ -258,7 +261,7 @@ def test_committed_model_draws_the_prompted_digits(tmp_path):
     config's example prompts), rated by the committed classifier."""
     import sample
 
-    model_folder("classifier")
+    committed_folder(CLASSIFIER)
     checkpoint = os.path.join(MODEL, "transformer.ckpt")
     if not os.path.isfile(checkpoint):
         pytest.fail(f"{checkpoint} is missing; see models/pixart-digits/README.md to train it")
@@ -272,6 +275,6 @@ def test_committed_model_draws_the_prompted_digits(tmp_path):
         os.chdir(cwd)
     generated, wanted, paths, skipped = evaluate_digits.read_generated(str(out))
     assert len(paths) == 40 and skipped == 1  # the grid carries no single prompt
-    predicted, _ = predict(load_classifier(model_folder("classifier")), generated)
+    predicted, _ = predict(load_classifier(committed_folder(CLASSIFIER)), generated)
     report = evaluate_digits.adherence(predicted, wanted)
     assert report["adherence"] >= ADHERENCE_FLOOR, report

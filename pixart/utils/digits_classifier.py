@@ -119,10 +119,10 @@ def _init_weights(model: DigitClassifier, seed: int) -> None:
 
 
 def train_classifier(images: np.ndarray, digits: np.ndarray, epochs: int = 80, batch_size: int = 50,
-                     lr: float = 2e-3, seed: int = 0, width: int = 32) -> DigitClassifier:
+                     lr: float = 2e-3, seed: int = 0) -> DigitClassifier:
     """Train on (N, H, W, 3) uint8 images and their (N,) digits; returns the model in eval mode."""
     x, y = to_input(images), np.asarray(digits, np.int32)
-    model = DigitClassifier(width)
+    model = DigitClassifier()
     _init_weights(model, seed)
     optimizer = nn.Adam(model.trainable_params(), learning_rate=lr, weight_decay=1e-4)
     loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
