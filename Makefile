@@ -12,8 +12,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(RUNTIME_STAMP): requirements.txt | $(PY)
+$(RUNTIME_STAMP): requirements.txt pyproject.toml | $(PY)
 	$(PY) -m pip install -r requirements.txt
+	# the pixart package itself, editable: scripts and tools import it from anywhere, no path edits
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 $(TEST_STAMP): requirements.txt requirements-test.txt $(RUNTIME_STAMP)

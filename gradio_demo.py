@@ -19,8 +19,9 @@ import argparse
 import os
 import sys
 
-import sample
-from pixart.utils.config import fail, parse_with_config, str2bool
+from pixart.cli import entry_point, fail, parse_with_config, positive_int, str2bool
+from pixart.cli.inference import build_parser as build_inference_parser
+from pixart.cli.inference import load_transformer, model_paths
 
 DEFAULT_CONFIG = "configs/inference/pixart-digits.yaml"
 IGNORED_FLAGS = ("prompt_path", "latents", "batch_size", "imagegrid", "num_trials")
@@ -29,8 +30,7 @@ FORM_FLAGS = ("prompt", "negative_prompt", "image_height", "image_width", "sampl
 
 
 def build_parser():
-    p = sample.build_parser()
-    p.description = __doc__
+    p = build_inference_parser(__doc__)
     p.prog = "gradio_demo.py"
     for action in p._actions:
         if action.dest in IGNORED_FLAGS:  # parseable, since configs set them, but out of -h
@@ -38,14 +38,14 @@ def build_parser():
         elif action.dest in FORM_FLAGS:
             action.help += "; here: the form's initial value"
     g = p.add_argument_group("web demo")
-    g.add_argument("--port", type=int, default=7788, help="port to serve the page on (default %(default)s)")
+    g.add_argument("--port", type=positive_int, default=7788, help="port to serve the page on (default %(default)s)")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default %(default)s: this machine only; 0.0.0.0: the network)")
     g.add_argument("--share", type=str2bool, nargs="?", const=True, default=False,
                    help="also publish a temporary public gradio.live link (needs internet access; default off)")
-    g.add_argument("--max_images", type=int, default=4,
+    g.add_argument("--max_images", type=positive_int, default=4,
                    help="most images one request may ask for (default %(default)s)")
-    g.add_argument("--queue_size", type=int, default=32,
+    g.add_argument("--queue_size", type=positive_int, default=32,
                    help="most requests waiting at once (default %(default)s); more are refused until the queue drains")
     return p
 
@@ -59,62 +59,100 @@ def parse_args(argv):
             fail(f"no model given and the bundled {DEFAULT_CONFIG} is missing; pass -c CONFIG or --checkpoint "
                  f"and the model folders (see -h)")
         argv = ["-c", DEFAULT_CONFIG] + argv
-    args = parse_with_config(build_parser(), argv)
-    if args.max_images < 1 or args.queue_size < 1:
-        fail("--max_images and --queue_size must be at least 1")
-    return args
+    return parse_with_config(build_parser(), argv)
 
 
 def load_generator(args):
-    """Load tokenizer, T5, transformer and VAE once; exit with a message if any is missing or broken."""
+    """Load tokenizer, T5, transformer and VAE once."""
+    from demo.generator import DemoGenerator
     from pixart.models.autoencoder_kl import AutoencoderKL
-    from pixart.models.t5 import T5Encoder
     from pixart.models.text_encoder import load_tokenizer
-    from pixart.pipelines.demo import DemoGenerator
+    from pixart.pipelines.loading import check_parts_fit, load_text_encoder
     from pixart.pipelines.text_to_image import PixArtPipeline
-    from pixart.utils.errors import ModelLoadError
+    from pixart.runtime import compute_dtype, setup_device
 
-    sample.check_paths(args)
-    device, dtype = sample.setup_device(args)
-    import mindspore as ms
-    try:
-        print("loading the models ...")
-        transformer, config = sample.load_transformer(args, dtype)
-        max_length = args.model_max_length or config.model_max_length
-        if max_length != config.model_max_length:
-            fail(f"--model_max_length {max_length} does not match the checkpoint's {config.model_max_length} tokens")
-        vae = AutoencoderKL.from_pretrained(args.vae_root, dtype=dtype)
-        tokenizer = load_tokenizer(args.tokenizer_root)
-        # CPU matmuls are fp32 only, as in sample.py
-        text_encoder = T5Encoder.from_pretrained(args.text_encoder_root, dtype=ms.float32 if device == "CPU" else dtype)
-    except ModelLoadError as e:
-        fail(str(e))
+    paths = model_paths(args)
+    paths.check()
+    max_length = check_parts_fit(paths, args.model_max_length)
+    device = setup_device(args.device)
+    dtype = compute_dtype(args.dtype, device)
+    print("loading the models ...")
+    transformer, _ = load_transformer(args, dtype)
+    vae = AutoencoderKL.from_pretrained(args.vae_root, dtype=dtype)
+    tokenizer = load_tokenizer(args.tokenizer_root)
+    text_encoder = load_text_encoder(args.text_encoder_root, device, dtype)
     pipeline = PixArtPipeline(transformer, vae, mode=args.mode, tiled_decode=args.tiled_decode)
     return DemoGenerator(tokenizer, text_encoder, max_length, pipeline, args.output_path,
                          os.path.basename(args.checkpoint), args.use_resolution_binning, args.max_images)
 
 
-def build_page(generator, args):
-    import gradio as gr
+def whole(value):
+    """Sliders and number boxes send floats; the generator wants whole numbers and says so otherwise."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
-    from pixart.pipelines.demo import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, SAMPLERS, Request, RequestError
+
+def form_fields(gr, generator, args):
+    """The input widgets, initialised from the flags, keyed by what they set."""
+    from demo.generator import MAX_GUIDANCE, MAX_SEED, MAX_STEPS
+    from pixart.diffusion.samplers import SAMPLERS
 
     limits = generator.size_limits
-    ratios = generator.aspect_ratios()
 
     def clamp_side(value):
         value = int(round(value / limits.step) * limits.step)
         return min(max(value, limits.minimum), limits.maximum)
 
-    def whole(value):
-        # sliders and number boxes send floats; the generator wants whole numbers and says so otherwise
-        return int(value) if isinstance(value, float) and value.is_integer() else value
+    f = {}
+    f["prompt"] = gr.Textbox(label="Prompt", lines=2, value=(args.prompt or [""])[0], elem_id="prompt",
+                             placeholder="what to draw")
+    f["negative"] = gr.Textbox(label="Negative prompt", value=args.negative_prompt, elem_id="negative_prompt",
+                               placeholder="what to steer away from (optional)")
+    with gr.Row():
+        f["sampler"] = gr.Radio(list(SAMPLERS), value=args.sampling_method, label="Sampler", elem_id="sampler",
+                                info="; ".join(f"{name}: {cls.description}" for name, cls in SAMPLERS.items()))
+        f["steps"] = gr.Slider(1, MAX_STEPS, value=min(args.sampling_steps, MAX_STEPS), step=1, label="Steps",
+                               elem_id="steps")
+    f["guidance"] = gr.Slider(0, MAX_GUIDANCE, value=args.guidance_scale, step=0.1, label="Guidance scale",
+                              info="classifier-free guidance; 1 or less turns it off", elem_id="guidance")
+    with gr.Row():
+        f["seed"] = gr.Number(value=args.seed if args.seed is not None else 0, precision=0, minimum=0,
+                              maximum=MAX_SEED, label="Seed", elem_id="seed")
+        f["randomize"] = gr.Checkbox(value=args.seed is None, label="Randomize seed", elem_id="randomize")
+    f["aspect"] = gr.Dropdown(["custom"] + list(generator.aspect_ratios()), value="custom", label="Aspect ratio",
+                              info="the model's trained sizes; sets width and height", elem_id="aspect")
+    with gr.Row():
+        f["width"] = gr.Slider(limits.minimum, limits.maximum, value=clamp_side(args.image_width),
+                               step=limits.step, label="Width", elem_id="width")
+        f["height"] = gr.Slider(limits.minimum, limits.maximum, value=clamp_side(args.image_height),
+                                step=limits.step, label="Height", elem_id="height")
+    f["num_images"] = gr.Slider(1, generator.max_images, value=1, step=1, label="Number of images",
+                                elem_id="num_images")
+    return f
 
-    def run(prompt, negative_prompt, sampler, steps, guidance, seed, randomize, width, height, num_images,
-            progress=gr.Progress()):
+
+def result_fields(gr):
+    """The output widgets: gallery, seed used, info line."""
+    gallery = gr.Gallery(label="Images", columns=2, height=600, object_fit="contain", elem_id="gallery")
+    seed_used = gr.Number(label="Seed used (image k used seed + k)", precision=0, interactive=False,
+                          elem_id="seed_used")
+    info = gr.Textbox(label="Info", interactive=False, elem_id="info")
+    return [gallery, seed_used, info]
+
+
+def build_page(generator, args):
+    import gradio as gr
+
+    from demo.generator import Request
+    from pixart.errors import RequestError
+
+    ratios = generator.aspect_ratios()
+
+    def generate(prompt, negative_prompt, sampler, steps, guidance, seed, randomize, width, height, num_images,
+                 progress=gr.Progress()):
         request = Request(prompt=prompt, negative_prompt=negative_prompt or "", sampling_method=sampler,
-                          steps=whole(steps), guidance_scale=guidance, seed=None if randomize else whole(seed),
-                          height=whole(height), width=whole(width), num_images=whole(num_images))
+                          sampling_steps=whole(steps), guidance_scale=guidance,
+                          seed=None if randomize else whole(seed), height=whole(height), width=whole(width),
+                          num_images=whole(num_images))
         try:
             result = generator.generate(request, on_progress=lambda fraction, what: progress(fraction, desc=what))
         except RequestError as e:
@@ -135,40 +173,14 @@ def build_page(generator, args):
                     f"`{os.path.abspath(args.output_path)}`.")
         with gr.Row():
             with gr.Column():
-                prompt = gr.Textbox(label="Prompt", lines=2, value=(args.prompt or [""])[0], elem_id="prompt",
-                                    placeholder="what to draw")
-                negative = gr.Textbox(label="Negative prompt", value=args.negative_prompt, elem_id="negative_prompt",
-                                      placeholder="what to steer away from (optional)")
-                with gr.Row():
-                    sampler = gr.Radio(list(SAMPLERS), value=args.sampling_method, label="Sampler", elem_id="sampler",
-                                       info="dpm: DPM-Solver++; ddim; iddpm: ancestral (needs more steps)")
-                    steps = gr.Slider(1, MAX_STEPS, value=min(args.sampling_steps, MAX_STEPS), step=1, label="Steps",
-                                      elem_id="steps")
-                guidance = gr.Slider(0, MAX_GUIDANCE, value=args.guidance_scale, step=0.1, label="Guidance scale",
-                                     info="classifier-free guidance; 1 or less turns it off", elem_id="guidance")
-                with gr.Row():
-                    seed = gr.Number(value=args.seed if args.seed is not None else 0, precision=0, minimum=0,
-                                     maximum=MAX_SEED, label="Seed", elem_id="seed")
-                    randomize = gr.Checkbox(value=args.seed is None, label="Randomize seed", elem_id="randomize")
-                aspect = gr.Dropdown(["custom"] + list(ratios), value="custom", label="Aspect ratio",
-                                     info="the model's trained sizes; sets width and height", elem_id="aspect")
-                with gr.Row():
-                    width = gr.Slider(limits.minimum, limits.maximum, value=clamp_side(args.image_width),
-                                      step=limits.step, label="Width", elem_id="width")
-                    height = gr.Slider(limits.minimum, limits.maximum, value=clamp_side(args.image_height),
-                                       step=limits.step, label="Height", elem_id="height")
-                num_images = gr.Slider(1, generator.max_images, value=1, step=1, label="Number of images",
-                                       elem_id="num_images")
-                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                f = form_fields(gr, generator, args)
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
-                gallery = gr.Gallery(label="Images", columns=2, height=600, object_fit="contain",
-                                     elem_id="gallery")
-                seed_used = gr.Number(label="Seed used (image k used seed + k)", precision=0, interactive=False,
-                                      elem_id="seed_used")
-                info = gr.Textbox(label="Info", interactive=False, elem_id="info")
-        aspect.change(pick_ratio, aspect, [width, height], queue=False)
-        inputs = [prompt, negative, sampler, steps, guidance, seed, randomize, width, height, num_images]
-        gr.on([generate.click, prompt.submit], run, inputs, [gallery, seed_used, info])
+                outputs = result_fields(gr)
+        f["aspect"].change(pick_ratio, f["aspect"], [f["width"], f["height"]], queue=False)
+        inputs = [f[k] for k in ("prompt", "negative", "sampler", "steps", "guidance", "seed", "randomize", "width",
+                                 "height", "num_images")]
+        gr.on([button.click, f["prompt"].submit], generate, inputs, outputs)
     # one request at a time: there is a single copy of the models; the others wait their turn in the queue
     page.queue(default_concurrency_limit=1, max_size=args.queue_size)
     return page
@@ -179,6 +191,7 @@ def page_css(generator) -> str:
     return "#gallery img { image-rendering: pixelated; }" if generator.base_size < 256 else ""
 
 
+@entry_point
 def main(argv=None) -> int:
     # no telemetry and no version check: the demo must start the same with or without internet
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

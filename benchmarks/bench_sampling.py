@@ -14,12 +14,9 @@ needs about 28 GB on CPU (see bench_transformer.py); ``graph`` suits 256px or ac
 """
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def main():
@@ -90,7 +87,7 @@ def main():
 
     def run_ours(steps=args.steps):
         return ours(TextEmbeddings(emb, mask), TextEmbeddings(neg, neg_mask), args.size, args.size,
-                    steps=steps, guidance_scale=4.5, latents=latents, use_resolution_binning=False)
+                    sampling_steps=steps, guidance_scale=4.5, latents=latents, use_resolution_binning=False)
 
     start = time.perf_counter()
     run_ours(steps=2)  # compiles: graphs depend on the shapes only, not on the step count

@@ -27,10 +27,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np
 
-import numpy as np  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
           cross_attention_dim=1152, sample_size=32, patch_size=2, caption_channels=4096, interpolation_scale=0.5,
@@ -40,11 +39,11 @@ XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_chan
 def batch(seed=0):
     rng = np.random.default_rng(seed)
     return dict(x0=rng.standard_normal((2, 4, 32, 32)).astype(np.float32),
-                y=rng.standard_normal((2, 300, 4096)).astype(np.float32),
-                mask=np.repeat((np.arange(300) < 40)[None], 2, 0).astype(np.int32),
+                caption=rng.standard_normal((2, 300, 4096)).astype(np.float32),
+                caption_mask=np.repeat((np.arange(300) < 40)[None], 2, 0).astype(np.int32),
                 t=rng.integers(0, 1000, 2).astype(np.int32),
                 noise=rng.standard_normal((2, 4, 32, 32)).astype(np.float32),
-                drop=np.zeros(2, bool), resolution=np.zeros((2, 2), np.float32),
+                drop_caption=np.zeros(2, bool), resolution=np.zeros((2, 2), np.float32),
                 aspect_ratio=np.ones((2, 1), np.float32))
 
 
@@ -68,7 +67,7 @@ def torch_step_times(steps, depth):
         start = time.perf_counter()
         a = alphas[b["t"].long()].view(-1, 1, 1, 1)
         x_t = a.sqrt() * b["x0"] + (1 - a).sqrt() * b["noise"]
-        out = model(x_t, encoder_hidden_states=b["y"], encoder_attention_mask=b["mask"], timestep=b["t"],
+        out = model(x_t, encoder_hidden_states=b["caption"], encoder_attention_mask=b["caption_mask"], timestep=b["t"],
                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
         loss = ((out[:, :4] - b["noise"]) ** 2).mean() + out[:, 4:].square().mean() * 1e-3
         opt.zero_grad(set_to_none=True)
@@ -82,15 +81,15 @@ def torch_step_times(steps, depth):
 def ours_step_times(steps, depth, optimizer, mode):
     import mindspore as ms
     from pixart.models.pixart import PixArtConfig, build_model
+    from pixart.training.optim import make_optimizer
     from pixart.training.train_step import TrainStep
 
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_device("CPU")
     model = build_model(PixArtConfig(input_size=32, pe_interpolation=0.5, multi_scale=False, depth=depth))
-    args = argparse.Namespace(optimizer=optimizer, lr=2e-5, weight_decay=0.0 if optimizer == "came" else 3e-2,
-                              betas=None, eps=None if optimizer == "came" else [1e-10], ema_decay=0.0,
-                              grad_clip=0.01, grad_accumulation=1, dtype="fp32", loss_scale=1.0, mode=mode)
-    step = TrainStep(model, args)
+    hyper = dict(weight_decay=0.0) if optimizer == "came" else dict(weight_decay=3e-2, eps=1e-10)
+    step = TrainStep(model, make_optimizer(optimizer, model.trainable_params(), lr=2e-5, **hyper), grad_clip=0.01,
+                     compiled=mode == "graph")
     b = batch()
     times = []
     for _ in range(steps):
@@ -107,7 +106,7 @@ def part1(steps, depth, modes):
                  (f"ours, {mode}, CAME", f"ours_step_times({steps}, {depth}, 'came', {mode!r})")]
     rows = []
     for name, code in runs:
-        out = subprocess.run([sys.executable, "-c", f"import json, sys; sys.path.insert(0, {ROOT!r}); "
+        out = subprocess.run([sys.executable, "-c", f"import json, sys; "
                               f"from benchmarks.bench_train import *; times = {code}; "
                               f"print('RESULT', json.dumps([times, peak_rss_gb()]))"],
                              cwd=ROOT, capture_output=True, text=True)
@@ -168,7 +167,7 @@ def part2(steps):
             rows = list(csv.DictReader(f))
         rates[name] = statistics.median(float(r["images_per_s"]) for r in rows[2:])
     base = rates["on the fly (VAE + T5 every step)"]
-    print(f"\ntrain.py images/s, 256px, batch 4, small transformer, SDXL-sized VAE, T5-base-sized encoder")
+    print("\ntrain.py images/s, 256px, batch 4, small transformer, SDXL-sized VAE, T5-base-sized encoder")
     print("| features | images/s | speed-up |")
     print("|---|---|---|")
     for name, rate in rates.items():

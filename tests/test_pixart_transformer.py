@@ -5,14 +5,13 @@ real file format (diffusers safetensors folder or an official-key ``.pth``), con
 ``tools/convert.py``, loads the ``.ckpt`` and compares outputs in fp32.
 Tolerance: max |ours - reference| <= 1e-4 * max(1, max |reference|).
 """
-import os
 
 import mindspore as ms
 import numpy as np
 import pytest
 import torch
 
-from pixart.models.pixart import BlockStreamedForward, PixArt, PixArtMS
+from pixart.models.pixart import BlockStreamedForward, Conditioning, PixArt, PixArtMS
 from pixart.models.pixart_checkpoint import load_pixart
 from tests import torch_pixart as ref
 from tools import convert
@@ -29,17 +28,16 @@ def assert_close(ours, theirs):
 
 def run_ours(model, x, t, y, mask, resolution=None, aspect_ratio=None, mode="pynative"):
     """mode: pynative, graph (the whole model one compiled graph) or streamed (BlockStreamedForward)."""
-    args = [ms.Tensor(x), ms.Tensor(t), ms.Tensor(y), ms.Tensor(mask)]
-    if resolution is not None:
-        args += [ms.Tensor(resolution), ms.Tensor(aspect_ratio)]
+    cond = Conditioning.of(y, mask, resolution, aspect_ratio)
+    x, t = ms.Tensor(x), ms.Tensor(t)
     if mode == "graph":
         @ms.jit
-        def forward(*a):
-            return model(*a)
-        return forward(*args).asnumpy()
+        def forward(x, t, *fields):
+            return model(x, t, fields)
+        return forward(x, t, *cond).asnumpy()
     if mode == "streamed":
-        return BlockStreamedForward(model)(*args).asnumpy()
-    return model(*args).asnumpy()
+        return BlockStreamedForward(model)(x, t, cond).asnumpy()
+    return model(x, t, cond).asnumpy()
 
 
 def convert_folder(model, tmp_path, extra_args=()):

@@ -167,8 +167,8 @@ def test_iddpm_seeded_metadata_and_no_overwrite(components, tmp_path):
     assert len(files) == 4 and files[2].startswith("00002-grid")
     first, second, _, rerun = (tmp_path / "out" / f for f in files)
     meta = Image.open(first).text
-    assert meta["prompt"] == PROMPTS[0] and meta["seed"] == "5" and meta["sampler"] == "iddpm"
-    assert meta["steps"] == "8" and meta["guidance_scale"] == "4.5" and meta["checkpoint"] == "transformer.ckpt"
+    assert meta["prompt"] == PROMPTS[0] and meta["seed"] == "5" and meta["sampling_method"] == "iddpm"
+    assert meta["sampling_steps"] == "8" and meta["guidance_scale"] == "4.5" and meta["checkpoint"] == "transformer.ckpt"
     assert Image.open(second).text["seed"] == "6"
     a, b, r = (np.asarray(Image.open(p)) for p in (first, second, rerun))
     assert np.array_equal(a, r), "the same seed must give the same image, alone or in a batch"
@@ -240,28 +240,26 @@ def test_help_lists_every_flag():
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs", "inference"))))
 def test_inference_configs_parse(name):
-    sys.path.insert(0, ROOT)
-    import sample
-    from pixart.utils.config import parse_with_config
+    from pixart.cli import parse_with_config
+    from pixart.cli.inference import build_parser
 
-    args = parse_with_config(sample.build_parser(), ["-c", os.path.join(ROOT, "configs", "inference", name),
+    args = parse_with_config(build_parser(""), ["-c", os.path.join(ROOT, "configs", "inference", name),
                                                      "--prompt", "x"])
     assert args.checkpoint.startswith("models/") and args.sampling_method == "dpm"
     assert args.model_max_length in (16, 120, 300) and args.image_height % 8 == 0
 
 
 def test_prompt_file_on_command_line_replaces_config_prompts(tmp_path):
-    sys.path.insert(0, ROOT)
-    import sample
-    from pixart.utils.config import parse_with_config
+    from pixart.cli import parse_with_config
+    from pixart.cli.inference import build_parser, read_prompts
 
     config = os.path.join(ROOT, "configs", "inference", "pixart-digits.yaml")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("seven\n\nthe digit 3\n")
 
     def read(*argv):
-        parser = sample.build_parser()
-        return sample.read_prompts(parse_with_config(parser, ["-c", config, *argv]), parser)
+        parser = build_parser("")
+        return read_prompts(parse_with_config(parser, ["-c", config, *argv]), parser)
 
     assert len(read()) == 10  # the config's examples
     assert read("--prompt_path", str(prompts)) == ["seven", "the digit 3"]
@@ -284,12 +282,12 @@ def test_denoiser_compiles_once_per_shape(components):
     def text(n):
         return TextEmbeddings(rng.standard_normal((n, 300, 32)).astype(np.float32), np.ones((n, 300), np.int64))
 
-    pipe(text(1), text(1), 64, 64, steps=3, guidance_scale=4.5, seeds=[0], use_resolution_binning=False,
+    pipe(text(1), text(1), 64, 64, sampling_steps=3, guidance_scale=4.5, seeds=[0], use_resolution_binning=False,
          progress=False)
     compiled = len(api.ms_compile_cache)
     for steps, guidance, seed in ((5, 2.0, 1), (4, 7.5, 2)):
-        pipe(text(1), text(1), 64, 64, sampling_method="ddim", steps=steps, guidance_scale=guidance, seeds=[seed],
+        pipe(text(1), text(1), 64, 64, sampling_method="ddim", sampling_steps=steps, guidance_scale=guidance, seeds=[seed],
              use_resolution_binning=False, progress=False)
     assert len(api.ms_compile_cache) == compiled
-    pipe(text(1), text(1), 64, 96, steps=2, seeds=[0], use_resolution_binning=False, progress=False)
+    pipe(text(1), text(1), 64, 96, sampling_steps=2, seeds=[0], use_resolution_binning=False, progress=False)
     assert len(api.ms_compile_cache) == compiled + 1

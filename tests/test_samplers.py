@@ -125,11 +125,11 @@ def test_samplers_call_the_respaced_timesteps_in_descending_order():
         np.testing.assert_array_equal(make_sampler(name, 8).timesteps, expected)
 
 
-@pytest.mark.parametrize("num_steps", [10, 20, 25, 50])
-def test_space_timesteps_equal_diffusers_linspace_timesteps(num_steps):
+@pytest.mark.parametrize("sampling_steps", [10, 20, 25, 50])
+def test_space_timesteps_equal_diffusers_linspace_timesteps(sampling_steps):
     scheduler = DDIMScheduler(**ddim_config())
-    scheduler.set_timesteps(num_steps)
-    np.testing.assert_array_equal(DDIMSampler(num_steps).timesteps, scheduler.timesteps.numpy())
+    scheduler.set_timesteps(sampling_steps)
+    np.testing.assert_array_equal(DDIMSampler(sampling_steps).timesteps, scheduler.timesteps.numpy())
 
 
 def test_respaced_schedule_keeps_the_base_alphas_cumprod():
@@ -143,13 +143,13 @@ def test_respaced_schedule_keeps_the_base_alphas_cumprod():
 # ------------------------------------------------------------------------------------ DPM-Solver++
 
 
-@pytest.mark.parametrize("num_steps", [1, 2, 5, 14, 15, 20, 25])
-def test_dpm_solver_matches_diffusers_per_step(num_steps):
+@pytest.mark.parametrize("sampling_steps", [1, 2, 5, 14, 15, 20, 25])
+def test_dpm_solver_matches_diffusers_per_step(sampling_steps):
     reference = DPMSolverMultistepScheduler(**PIXART_SIGMA_DPM_CONFIG)
-    reference.set_timesteps(num_steps)
-    sampler = DPMSolverSampler(num_steps)
+    reference.set_timesteps(sampling_steps)
+    sampler = DPMSolverSampler(sampling_steps)
     np.testing.assert_array_equal(sampler.timesteps, reference.timesteps.numpy())
-    rng = np.random.default_rng(num_steps)
+    rng = np.random.default_rng(sampling_steps)
     worst = 0.0
     for index, t in enumerate(sampler.timesteps):
         sample, eps = random_pair(rng)
@@ -157,7 +157,7 @@ def test_dpm_solver_matches_diffusers_per_step(num_steps):
         ours = sampler.step(eps, index, sample)
         assert ours.dtype == np.float32 and ours.shape == SHAPE
         worst = max(worst, max_rel_diff(ours, expected))
-    print(f"dpm {num_steps} steps: max relative difference to diffusers {worst:.2e}")
+    print(f"dpm {sampling_steps} steps: max relative difference to diffusers {worst:.2e}")
     assert worst <= 1e-6
 
 
@@ -206,20 +206,20 @@ def run_ddim_against(reference, sampler, reference_timesteps, steps_to_compare, 
     return worst
 
 
-@pytest.mark.parametrize("num_steps", [10, 20, 25, 50])
-def test_ddim_matches_diffusers_linspace_where_the_targets_agree(num_steps):
+@pytest.mark.parametrize("sampling_steps", [10, 20, 25, 50])
+def test_ddim_matches_diffusers_linspace_where_the_targets_agree(sampling_steps):
     """diffusers' linspace timesteps are the official ones, but it steps to t - 1000 // N
     instead of the next used timestep; both agree only on some steps (the last one always)."""
     reference = DDIMScheduler(**ddim_config())
-    reference.set_timesteps(num_steps)
-    sampler = DDIMSampler(num_steps)
+    reference.set_timesteps(sampling_steps)
+    sampler = DDIMSampler(sampling_steps)
     timesteps = sampler.timesteps
     next_used = np.append(timesteps[1:], -1)
-    diffusers_target = np.maximum(timesteps - 1000 // num_steps, -1)
+    diffusers_target = np.maximum(timesteps - 1000 // sampling_steps, -1)
     agree = np.nonzero(next_used == diffusers_target)[0]
-    assert agree[-1] == num_steps - 1 and len(agree) < num_steps
-    worst = run_ddim_against(reference, sampler, timesteps, agree, num_steps)
-    print(f"ddim {num_steps} steps: {len(agree)} agreeing steps, max relative difference {worst:.2e}")
+    assert agree[-1] == sampling_steps - 1 and len(agree) < sampling_steps
+    worst = run_ddim_against(reference, sampler, timesteps, agree, sampling_steps)
+    print(f"ddim {sampling_steps} steps: {len(agree)} agreeing steps, max relative difference {worst:.2e}")
     # Not 1e-6: diffusers' float32 1 - abar_0 (about 1e-4) carries a relative error of up to
     # 6e-4, which moves the last step's x0 by about 1e-6 of its size; ours is float64.
     assert worst <= 2e-6
@@ -236,53 +236,53 @@ def test_ddim_matches_diffusers_at_1000_steps():
     assert worst <= 1e-5
 
 
-@pytest.mark.parametrize("num_steps", [7, 10, 30])
-def test_ddim_matches_diffusers_run_on_the_respaced_schedule(num_steps):
+@pytest.mark.parametrize("sampling_steps", [7, 10, 30])
+def test_ddim_matches_diffusers_run_on_the_respaced_schedule(sampling_steps):
     """diffusers' DDIM given the respaced betas as its own N-step training schedule
     (leading spacing, offset 0: steps N-1, ..., 0, each to the previous index) is the official
     respaced DDIM.  Its float32 cumprod of the betas costs some precision, hence 1e-5."""
-    schedule = respaced_schedule(num_steps)
+    schedule = respaced_schedule(sampling_steps)
     reference = DDIMScheduler(
-        **ddim_config(num_train_timesteps=num_steps, trained_betas=schedule.betas, timestep_spacing="leading")
+        **ddim_config(num_train_timesteps=sampling_steps, trained_betas=schedule.betas, timestep_spacing="leading")
     )
-    reference.set_timesteps(num_steps)
-    np.testing.assert_array_equal(reference.timesteps.numpy(), np.arange(num_steps)[::-1])
-    sampler = DDIMSampler(num_steps)
-    worst = run_ddim_against(reference, sampler, reference.timesteps.numpy(), range(num_steps), num_steps)
-    print(f"ddim {num_steps} steps vs diffusers on the respaced schedule: max relative difference {worst:.2e}")
+    reference.set_timesteps(sampling_steps)
+    np.testing.assert_array_equal(reference.timesteps.numpy(), np.arange(sampling_steps)[::-1])
+    sampler = DDIMSampler(sampling_steps)
+    worst = run_ddim_against(reference, sampler, reference.timesteps.numpy(), range(sampling_steps), sampling_steps)
+    print(f"ddim {sampling_steps} steps vs diffusers on the respaced schedule: max relative difference {worst:.2e}")
     assert worst <= 1e-5
 
 
-@pytest.mark.parametrize("num_steps", [7, 30])
-def test_ddim_matches_the_formulas(num_steps):
+@pytest.mark.parametrize("sampling_steps", [7, 30])
+def test_ddim_matches_the_formulas(sampling_steps):
     alphas_cumprod = plain_alphas_cumprod()
-    sampler = DDIMSampler(num_steps)
-    rng = np.random.default_rng(num_steps)
+    sampler = DDIMSampler(sampling_steps)
+    rng = np.random.default_rng(sampling_steps)
     worst = 0.0
     timesteps = list(sampler.timesteps)
     for index, t in enumerate(timesteps):
         sample, eps = random_pair(rng)
         x, e = sample.astype(np.float64), eps.astype(np.float64)
         alpha = alphas_cumprod[t]
-        alpha_prev = alphas_cumprod[timesteps[index + 1]] if index + 1 < num_steps else 1.0
+        alpha_prev = alphas_cumprod[timesteps[index + 1]] if index + 1 < sampling_steps else 1.0
         x0 = (x - np.sqrt(1 - alpha) * e) / np.sqrt(alpha)
         expected = np.sqrt(alpha_prev) * x0 + np.sqrt(1 - alpha_prev) * e
         worst = max(worst, max_rel_diff(sampler.step(eps, index, sample), expected))
-    print(f"ddim {num_steps} steps vs float64 formulas: max relative difference {worst:.2e}")
+    print(f"ddim {sampling_steps} steps vs float64 formulas: max relative difference {worst:.2e}")
     assert worst <= 1e-6
 
 
 # ------------------------------------------------------------------------------------------- IDDPM
 
 
-@pytest.mark.parametrize("num_steps", [7, 30])
-def test_iddpm_matches_the_formulas(num_steps):
+@pytest.mark.parametrize("sampling_steps", [7, 30])
+def test_iddpm_matches_the_formulas(sampling_steps):
     alphas_cumprod = plain_alphas_cumprod()
-    noise_rng = np.random.default_rng(100 + num_steps)
-    noises = [noise_rng.standard_normal(SHAPE).astype(np.float32) for _ in range(num_steps)]
+    noise_rng = np.random.default_rng(100 + sampling_steps)
+    noises = [noise_rng.standard_normal(SHAPE).astype(np.float32) for _ in range(sampling_steps)]
     drawn = iter(noises)
-    sampler = IDDPMSampler(num_steps, noise=lambda shape: next(drawn))
-    rng = np.random.default_rng(num_steps)
+    sampler = IDDPMSampler(sampling_steps, noise=lambda shape: next(drawn))
+    rng = np.random.default_rng(sampling_steps)
     timesteps = list(sampler.timesteps)
     worst = 0.0
     for index, t in enumerate(timesteps):
@@ -291,7 +291,7 @@ def test_iddpm_matches_the_formulas(num_steps):
         x, e, v = sample.astype(np.float64), eps.astype(np.float64), var_values.astype(np.float64)
         # Respaced diffusion: beta_t from consecutive *used* timesteps.
         alpha = alphas_cumprod[t]
-        alpha_prev = alphas_cumprod[timesteps[index + 1]] if index + 1 < num_steps else 1.0
+        alpha_prev = alphas_cumprod[timesteps[index + 1]] if index + 1 < sampling_steps else 1.0
         beta = 1 - alpha / alpha_prev
         x0 = (x - np.sqrt(1 - alpha) * e) / np.sqrt(alpha)
         mean = (beta * np.sqrt(alpha_prev) * x0 + (1 - alpha_prev) * np.sqrt(1 - beta) * x) / (1 - alpha)
@@ -304,7 +304,7 @@ def test_iddpm_matches_the_formulas(num_steps):
             expected = mean + np.exp(0.5 * log_variance) * noises[index]
         model_output = np.concatenate([eps, var_values], axis=1)
         worst = max(worst, max_rel_diff(sampler.step(model_output, index, sample), expected))
-    print(f"iddpm {num_steps} steps vs float64 formulas: max relative difference {worst:.2e}")
+    print(f"iddpm {sampling_steps} steps vs float64 formulas: max relative difference {worst:.2e}")
     assert worst <= 1e-5
 
 
@@ -333,19 +333,19 @@ def test_make_sampler_kinds_and_channels():
         assert isinstance(sampler, cls)
         assert sampler.init_noise_sigma == 1.0
         assert sampler.model_channels(4) == channels
-        assert sampler.num_steps == 12 and sampler.timesteps.dtype == np.int64
+        assert sampler.sampling_steps == 12 and sampler.timesteps.dtype == np.int64
 
 
 def test_make_sampler_rejects_unknown_names():
-    with pytest.raises(ValueError, match="valid choices: ddim, dpm, iddpm"):
+    with pytest.raises(ValueError, match="valid choices: dpm, ddim, iddpm"):
         make_sampler("euler", 20)
 
 
 @pytest.mark.parametrize("name", ["dpm", "ddim", "iddpm"])
-@pytest.mark.parametrize("num_steps", [0, -3, 1001, 2.5])
-def test_make_sampler_rejects_bad_step_counts(name, num_steps):
+@pytest.mark.parametrize("sampling_steps", [0, -3, 1001, 2.5])
+def test_make_sampler_rejects_bad_step_counts(name, sampling_steps):
     with pytest.raises(ValueError, match="sampling steps"):
-        make_sampler(name, num_steps)
+        make_sampler(name, sampling_steps)
 
 
 def test_dpm_solver_rejects_1000_steps():

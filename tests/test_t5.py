@@ -14,7 +14,7 @@ import torch
 from mindspore import Tensor
 
 from pixart.models.t5 import T5Encoder, relative_distance_buckets
-from pixart.utils.errors import ModelLoadError
+from pixart.errors import ModelLoadError
 from pixart.utils.safetensors_io import load_sharded_folder, read_header, save_file
 from tests.helpers_hf import assert_close, save_t5, t5_reference
 

@@ -10,7 +10,7 @@ import pytest
 
 from pixart.models import text_encoder as te
 from pixart.models.t5 import T5Encoder
-from pixart.utils.errors import ModelLoadError
+from pixart.errors import ModelLoadError
 from tests.helpers_hf import assert_close, save_t5, t5_reference
 
 TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "shared",

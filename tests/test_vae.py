@@ -17,7 +17,7 @@ from mindspore import Tensor
 
 from pixart.models import autoencoder_kl as akl
 from pixart.models.autoencoder_kl import AutoencoderKL
-from pixart.utils.errors import ModelLoadError
+from pixart.errors import ModelLoadError
 from pixart.utils.safetensors_io import load_file, save_file
 from tests.helpers_hf import assert_close
 

@@ -10,14 +10,15 @@ Training from the cache loads neither T5 nor the VAE (the maintainers' own advic
 finetuning). Entries are one .npz per image and bucket size; existing entries are kept,
 so an interrupted run resumes where it stopped. It reads the same config as train.py.
 """
-import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from pixart.cli import entry_point, fail, parse_with_config, str2bool
+from pixart.cli.training import build_parser
+from pixart.training.config import TrainConfig, model_config
 
 
 def batches_of_one_size(records, indices, batch_size: int):
@@ -30,16 +31,14 @@ def batches_of_one_size(records, indices, batch_size: int):
             yield group[start:start + batch_size]
 
 
+@entry_point
 def main(argv=None) -> int:
-    import train  # the same flags and config file as training
     from pixart.data.cache import CacheEntry, cache_path, write_cache_entry
-    from pixart.data.dataset import CAPTION_FIELDS, DatasetError, TrainDataset
+    from pixart.data.dataset import CAPTION_FIELDS, TrainDataset
+    from pixart.runtime import setup_device
     from pixart.training.features import NULL_CAPTION_FILE, FeatureEncoder
-    from pixart.utils.config import fail, parse_with_config, str2bool
-    from pixart.utils.errors import ModelLoadError
 
-    parser = train.build_parser()
-    parser.description = __doc__
+    parser = build_parser(__doc__)  # the same flags and config file as train.py
     parser.add_argument("--cache_fp16", type=str2bool, default=False,
                         help="store T5 embeddings in float16 (half the disk; a rounding of the features)")
     parser.add_argument("--cache_batch_size", type=int, default=16,
@@ -47,16 +46,12 @@ def main(argv=None) -> int:
     args = parse_with_config(parser, argv)
     if not args.feature_cache:
         fail("--feature_cache FOLDER is required: where to write the features")
-    train.setup_mindspore(argparse.Namespace(device=args.device))
-    try:
-        config = train.model_config(args)
-        encoder = FeatureEncoder.from_folders(args.vae_root, args.tokenizer_root, args.text_encoder_root,
-                                              config.model_max_length)
-        dataset = TrainDataset(args.json_path, args.image_dir, args.image_size, multi_scale=args.multi_scale,
-                               divisor=encoder.vae.config.downsample_factor * config.patch_size,
-                               verify_images=True)
-    except (ModelLoadError, DatasetError) as e:
-        fail(str(e))
+    setup_device(args.device)
+    config = model_config(TrainConfig.from_namespace(args))
+    encoder = FeatureEncoder.from_folders(args.vae_root, args.tokenizer_root, args.text_encoder_root,
+                                          config.model_max_length)
+    dataset = TrainDataset(args.json_path, args.image_dir, args.image_size, multi_scale=args.multi_scale,
+                           divisor=encoder.vae.config.downsample_factor * config.patch_size, verify_images=True)
     os.makedirs(args.feature_cache, exist_ok=True)
     np.savez(os.path.join(args.feature_cache, NULL_CAPTION_FILE), emb=encoder.null_caption(),
              scaling_factor=encoder.vae.scaling_factor, shift_factor=encoder.vae.shift_factor)

@@ -15,13 +15,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from pixart.models.pixart_checkpoint import (  # noqa: E402
-    check_state_dict, diffusers_config, infer_config, official_to_diffusers, read_source, save_mindspore_checkpoint)
-from pixart.utils.errors import ModelLoadError  # noqa: E402
+from pixart.cli import entry_point, positive_int
+from pixart.models.pixart_checkpoint import (
+    check_state_dict, diffusers_config, expected_shapes, infer_config, official_to_diffusers, read_source,
+    save_mindspore_checkpoint)
+from pixart.runtime import DTYPE_NAMES
 
 
 def parse_args(argv=None):
@@ -30,7 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--target", required=True,
                    help="where to write: a .ckpt file, or a folder (diffusers layout) when --source is a .ckpt")
     p.add_argument("--ema", action="store_true", help="take `state_dict_ema` from a training checkpoint")
-    p.add_argument("--num_heads", type=int, default=None,
+    p.add_argument("--num_heads", type=positive_int, default=None,
                    help="attention heads (not stored in official files; default: diffusers config or 16, as XL/2)")
     p.add_argument("--model_max_length", type=int, default=None,
                    help="T5 tokens when the file has no y_embedding (diffusers files): 300 for Σ, 120 for α")
@@ -44,7 +44,7 @@ def parse_args(argv=None):
                    help="layers with ave/uniform KV compression (conv layers are detected from the weights)")
     p.add_argument("--fixed_size", action="store_true",
                    help="PixArt (square input_size only, as the Σ 256px checkpoint) rather than PixArtMS")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the written weights")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the written weights")
     return p.parse_args(argv)
 
 
@@ -64,6 +64,8 @@ def describe(config) -> str:
 
 
 def to_mindspore(args) -> None:
+    from pixart.models.pixart import random_null_caption
+
     sd, hints = read_source(args.source, use_ema=args.ema)
     given = dict(hints)
     for key in ("model_max_length", "input_size", "pe_interpolation", "kv_compress_sampling", "kv_compress_layers"):
@@ -71,18 +73,18 @@ def to_mindspore(args) -> None:
             given[key] = getattr(args, key)
     if args.fixed_size:
         given["multi_scale"] = False
-    config = infer_config(sd, num_heads=args.num_heads or given.pop("num_heads", None) or 16, **given)
-    given.pop("num_heads", None)
+    if args.num_heads is not None:
+        given["num_heads"] = args.num_heads
+    config = infer_config(sd, **given)
     print(describe(config))
-    sd.pop("pos_embed", None)
     if "y_embedder.y_embedding" not in sd:
         # diffusers drops the null caption; it is only used for caption dropout when training
-        rng = np.random.default_rng(0)
-        ct = config.caption_channels
-        sd["y_embedder.y_embedding"] = (rng.standard_normal((config.model_max_length, ct)) / ct ** 0.5).astype(np.float32)
-        print(f"note: the source has no y_embedding (null caption); initialised {config.model_max_length}x{ct} "
-              f"randomly as the official model does. It only matters for finetuning with caption dropout.")
-    check_state_dict(sd, config, args.source)
+        sd["y_embedder.y_embedding"] = random_null_caption(np.random.default_rng(0), config.model_max_length,
+                                                           config.caption_channels)
+        print(f"note: the source has no y_embedding (null caption); initialised {config.model_max_length}x"
+              f"{config.caption_channels} randomly as the official model does. It only matters for finetuning "
+              f"with caption dropout.")
+    check_state_dict(sd, expected_shapes(config), args.source)
     save_mindspore_checkpoint(sd, config, args.target, dtype=args.dtype)
     n = sum(int(np.prod(v.shape)) for k, v in sd.items() if k != "y_embedder.y_embedding")
     print(f"wrote {args.target}: {len(sd)} tensors, {n:,} parameters (+ y_embedding), {args.dtype}")
@@ -93,7 +95,7 @@ def to_diffusers(args) -> None:
     from pixart.utils.safetensors_io import save_file
 
     sd, hints = read_source(args.source)
-    config = infer_config(sd, num_heads=hints.pop("num_heads", None) or 16, **hints)
+    config = infer_config(sd, **hints)
     print(describe(config))
     dconfig = diffusers_config(config)
     tensors = official_to_diffusers(sd)
@@ -104,15 +106,12 @@ def to_diffusers(args) -> None:
     print(f"wrote {args.target}/ (config.json, diffusion_pytorch_model.safetensors): {len(tensors)} tensors")
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     reverse = args.source.endswith(".ckpt") and not args.target.endswith(".ckpt")
-    try:
-        (to_diffusers if reverse else to_mindspore)(args)
-    except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    (to_diffusers if reverse else to_mindspore)(args)
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 

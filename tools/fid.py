@@ -16,17 +16,15 @@ This project does not run Inception-v3 itself: compute the features with the ref
 network (pt_inception-2015-12-05 weights, e.g. ``python -m pytorch_fid --save-stats
 FOLDER stats.npz`` in a PyTorch environment) and compare them here. The distance itself
 is ``pixart.utils.fid.frechet_distance``. For the miniature MNIST model use
-``tools/evaluate_digits.py``, which has its own feature network.
+``tools/digits/evaluate.py``, which has its own feature network.
 """
 import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from pixart.utils.fid import compute_statistics, frechet_distance  # noqa: E402
+from pixart.utils.fid import compute_statistics, frechet_distance
 
 
 def load_statistics(path: str):

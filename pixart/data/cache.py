@@ -26,9 +26,7 @@ import numpy as np
 
 from .buckets import Size
 
-
-class CacheError(ValueError):
-    """A cache entry that is missing, unreadable or inconsistent."""
+from pixart.errors import CacheError
 
 
 @dataclasses.dataclass

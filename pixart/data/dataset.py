@@ -42,7 +42,9 @@ from PIL import ExifTags, Image, ImageOps
 from .buckets import DEFAULT_DIVISOR, BucketTable, Size, bucket_table, nearest_bucket, ratio_range, \
     resize_and_center_crop
 from .cache import cache_path, read_cache_entry
-from .sampler import BucketBatchSampler
+from .batching import BucketBatcher
+
+from pixart.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +55,6 @@ RATIO_OVERSHOOT = 1.125
 _WARNINGS_PER_REASON = 10
 # EXIF orientations that rotate by 90 degrees and so swap width and height.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
-
-
-class DatasetError(ValueError):
-    """A label file or image folder that cannot give a training set."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +275,7 @@ class TrainDataset:
 
     @property
     def bucket_keys(self) -> List[str]:
-        """Bucket key of every index, for :class:`BucketBatchSampler`."""
+        """Bucket key of every index, for :class:`BucketBatcher`."""
         return [r.bucket for r in self.records]
 
     def choose_caption(self, index: int, epoch: int) -> Tuple[str, str]:
@@ -331,14 +329,14 @@ def collate(samples: Sequence[dict]) -> dict:
             else np.stack([s[key] for s in samples]) for key in samples[0]}
 
 
-def iterate_batches(dataset: TrainDataset, sampler: BucketBatchSampler, epoch: int, start_step: int = 0,
+def iterate_batches(dataset: TrainDataset, batcher: BucketBatcher, epoch: int, start_step: int = 0,
                     num_threads: int = 0) -> Iterator[dict]:
     """This rank's collated batches of ``epoch`` from ``start_step`` on.
 
     With ``num_threads`` > 0, samples are loaded by a thread pool that keeps the next two
     batches in flight while the current one trains (PIL decoding releases the GIL).
     """
-    index_batches = sampler.batches(epoch, start_step)
+    index_batches = batcher.batches(epoch, start_step)
     if num_threads <= 0:
         for indices in index_batches:
             yield collate([dataset.get(i, epoch) for i in indices])

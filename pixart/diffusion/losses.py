@@ -77,7 +77,7 @@ class IDDPMLoss(nn.Cell):
     def __init__(self):
         super().__init__()
         schedule = training_schedule()
-        self.num_timesteps = schedule.num_steps
+        self.num_timesteps = schedule.num_timesteps
 
         def table(values: np.ndarray) -> Tensor:
             return Tensor(np.asarray(values, dtype=np.float32))

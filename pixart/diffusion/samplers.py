@@ -1,6 +1,7 @@
-"""PixArt's three samplers in NumPy: DPM-Solver++ (2M), DDIM (eta 0) and IDDPM ancestral sampling.
+"""PixArt's samplers in NumPy: DPM-Solver++ (2M), DDIM (eta 0) and IDDPM ancestral sampling.
 
-All share one small interface (:class:`Sampler`)::
+All share one small interface (:class:`Sampler`) and are listed in one registry,
+``SAMPLERS`` (name -> class), that the command line, the web demo and the tests read::
 
     sampler = make_sampler("dpm", 20)
     x = rng.standard_normal(shape).astype(np.float32) * sampler.init_noise_sigma
@@ -15,14 +16,16 @@ take the first C (eps), IDDPM takes all 2C.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Dict, Optional, Type, Union
 
 import numpy as np
+
+from pixart.errors import InputError
 
 from .schedule import (
     NUM_TRAIN_TIMESTEPS,
     DiffusionSchedule,
-    check_num_steps,
+    check_sampling_steps,
     diffusers_alphas_cumprod,
     respaced_schedule,
 )
@@ -40,21 +43,45 @@ def _rounded(fn, x):
     return fn(np.asarray(x, dtype=np.float64)).astype(np.float32)
 
 
-class Sampler:
-    """Common interface of the samplers.
+SAMPLERS: Dict[str, Type["Sampler"]] = {}
 
-    Attributes:
+
+def register_sampler(cls: Type["Sampler"]) -> Type["Sampler"]:
+    """Class decorator: list ``cls`` under ``cls.name`` in ``SAMPLERS``."""
+    if not cls.name or cls.name in SAMPLERS:
+        raise ValueError(f"sampler {cls.__name__} needs a unique name, got {cls.name!r}")
+    SAMPLERS[cls.name] = cls
+    return cls
+
+
+class Sampler:
+    """Common interface of the samplers. A new sampler is one subclass decorated with
+    :func:`register_sampler`; what it declares below is all the pipeline and the interfaces need.
+
+    Class attributes (the declaration):
+        name: registry key, the value of ``--sampling_method``.
+        description: one line for ``-h`` and the web demo.
+        stochastic: ``step`` draws fresh noise (from the ``noise`` given to the constructor).
+        learned_variance: ``step`` consumes the variance channels as well as eps.
+        classifier_free_guidance: the pipeline runs the unconditional batch when the guidance
+            scale is above 1 (False: the model is called on the prompt alone).
+        default_steps: a sensible step count for it.
+    Instance attributes:
         timesteps: (N,) int64, the model timesteps to call, in call order (descending).
         init_noise_sigma: scale of the initial Gaussian latent (1 for all samplers here).
-        learned_variance: whether ``step`` consumes the variance channels as well as eps.
     """
 
-    init_noise_sigma = 1.0
+    name: str = ""
+    description: str = ""
+    stochastic = False
     learned_variance = False
+    classifier_free_guidance = True
+    default_steps = 20
+    init_noise_sigma = 1.0
     timesteps: np.ndarray
 
     @property
-    def num_steps(self) -> int:
+    def sampling_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
     def model_channels(self, latent_channels: int) -> int:
@@ -72,8 +99,8 @@ class Sampler:
 
     def _inputs(self, model_output, index, sample):
         """Validate a step's arguments and return them as float32 arrays."""
-        if not 0 <= index < self.num_steps:
-            raise ValueError(f"step index must be in [0, {self.num_steps}), got {index}")
+        if not 0 <= index < self.sampling_steps:
+            raise ValueError(f"step index must be in [0, {self.sampling_steps}), got {index}")
         model_output = np.asarray(model_output, dtype=np.float32)
         sample = np.asarray(sample, dtype=np.float32)
         expected = (sample.shape[0], self.model_channels(sample.shape[1])) + sample.shape[2:]
@@ -85,100 +112,7 @@ class Sampler:
         return model_output, sample
 
 
-class _RespacedSampler(Sampler):
-    """Base of the samplers over the official respaced diffusion (``IDDPM(str(num_steps))``)."""
-
-    def __init__(self, num_steps: int):
-        self.schedule: DiffusionSchedule = respaced_schedule(num_steps)
-        self.timesteps = self.schedule.timesteps[::-1].copy()
-
-    def _coef(self, table: np.ndarray, index: int) -> np.float32:
-        """Float64 ``table`` entry for call-order ``index``, as float32 (the reference's
-        ``_extract_into_tensor(...).float()``); schedule index 0 is called last."""
-        return _F32(table[self.num_steps - 1 - index])
-
-    def _predict_x0(self, eps: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
-        """x0 = x / sqrt(abar) - sqrt(1 / abar - 1) * eps  (``_predict_xstart_from_eps``)."""
-        s = self.schedule
-        return self._coef(s.sqrt_recip_alphas_cumprod, index) * sample - self._coef(
-            s.sqrt_recipm1_alphas_cumprod, index
-        ) * eps
-
-
-class DDIMSampler(_RespacedSampler):
-    """Deterministic DDIM (eta = 0) as the official ``ddim_sample_loop`` over ``IDDPM(str(num_steps))``.
-
-    Each step moves to the next timestep actually used (the respaced diffusion's
-    ``alphas_cumprod_prev``; 1 after the last step), unlike diffusers' ``DDIMScheduler``, which
-    moves to ``t - 1000 // num_steps``.  Takes eps only (C channels)::
-
-        x0     = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-        x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps
-
-    The reference re-derives eps from x0 before the second line; with no x0 clipping
-    (PixArt samples with ``clip_denoised=False``) that is the model's eps, used here directly.
-    """
-
-    def __init__(self, num_steps: int):
-        super().__init__(num_steps)
-        alphas_cumprod_prev = self.schedule.alphas_cumprod_prev
-        self._sqrt_alphas_cumprod_prev = np.sqrt(alphas_cumprod_prev)
-        self._sqrt_one_minus_alphas_cumprod_prev = np.sqrt(1.0 - alphas_cumprod_prev)
-
-    def step(self, model_output, index, sample):
-        eps, sample = self._inputs(model_output, index, sample)
-        x0 = self._predict_x0(eps, index, sample)
-        return self._coef(self._sqrt_alphas_cumprod_prev, index) * x0 + self._coef(
-            self._sqrt_one_minus_alphas_cumprod_prev, index
-        ) * eps
-
-
-class IDDPMSampler(_RespacedSampler):
-    """Ancestral sampling with learned variance: the official ``p_sample_loop`` over ``IDDPM(str(num_steps))``.
-
-    Takes all 2C model channels: eps, then v in [-1, 1] interpolating the log variance
-    between the clipped posterior variance and beta of the *respaced* schedule
-    (``learned_range``)::
-
-        x0       = x / sqrt(abar_t) - sqrt(1 / abar_t - 1) eps      (clip_denoised=False)
-        mean     = posterior_mean_coef1_t x0 + posterior_mean_coef2_t x
-        log_var  = frac log(beta_t) + (1 - frac) log(beta~_t),   frac = (v + 1) / 2
-        x_prev   = mean + exp(log_var / 2) z,   z ~ N(0, I), no noise at the last step (t = 0)
-
-    Args:
-        noise: a seeded ``np.random.Generator`` or a callable ``shape -> float32 array`` that
-            supplies z; None uses a fresh unseeded generator.
-    """
-
-    learned_variance = True
-
-    def __init__(self, num_steps: int, noise: Optional[NoiseSource] = None):
-        super().__init__(num_steps)
-        if noise is None:
-            noise = np.random.default_rng()
-        if isinstance(noise, np.random.Generator):
-            generator = noise
-            noise = lambda shape: generator.standard_normal(shape, dtype=np.float32)  # noqa: E731
-        self._noise = noise
-
-    def step(self, model_output, index, sample):
-        model_output, sample = self._inputs(model_output, index, sample)
-        eps, var_values = np.split(model_output, 2, axis=1)
-        s = self.schedule
-        x0 = self._predict_x0(eps, index, sample)
-        mean = (
-            self._coef(s.posterior_mean_coef1, index) * x0 + self._coef(s.posterior_mean_coef2, index) * sample
-        )
-        if index == self.num_steps - 1:
-            return mean
-        frac = (var_values + _ONE) / _F32(2.0)
-        log_variance = frac * self._coef(s.log_betas, index) + (_ONE - frac) * self._coef(
-            s.posterior_log_variance_clipped, index
-        )
-        z = np.asarray(self._noise(sample.shape), dtype=np.float32)
-        return mean + np.exp(_HALF * log_variance) * z
-
-
+@register_sampler
 class DPMSolverSampler(Sampler):
     """DPM-Solver++ 2M, mirroring diffusers' ``DPMSolverMultistepScheduler`` with PixArt-Sigma's config.
 
@@ -196,14 +130,17 @@ class DPMSolverSampler(Sampler):
     operation, on its float32 schedule (:func:`diffusers_alphas_cumprod`).
     """
 
-    def __init__(self, num_steps: int):
-        num_steps = check_num_steps(num_steps)
-        if num_steps >= NUM_TRAIN_TIMESTEPS:
+    name = "dpm"
+    description = "DPM-Solver++ 2M, as shipped with PixArt-Σ"
+
+    def __init__(self, sampling_steps: int, noise: Optional[NoiseSource] = None):
+        sampling_steps = check_sampling_steps(sampling_steps)
+        if sampling_steps >= NUM_TRAIN_TIMESTEPS:
             # linspace(0, 999, 1001) rounds two points to the same timestep: a zero step size
             # that makes diffusers' second-order update divide by zero.
-            raise ValueError(f"DPM-Solver++ needs fewer than {NUM_TRAIN_TIMESTEPS} steps, got {num_steps}")
+            raise ValueError(f"DPM-Solver++ needs fewer than {NUM_TRAIN_TIMESTEPS} steps, got {sampling_steps}")
         self.timesteps = (
-            np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, num_steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+            np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, sampling_steps + 1).round()[::-1][:-1].copy().astype(np.int64)
         )
         alphas_cumprod = diffusers_alphas_cumprod()
         # VP sigma = sqrt((1 - abar) / abar) at each timestep; alpha_t = 1 / sqrt(1 + sigma^2)
@@ -224,7 +161,7 @@ class DPMSolverSampler(Sampler):
             )
         alpha_s, sigma_s = self._alpha[index], self._sigma[index]
         x0 = (sample - sigma_s * eps) / alpha_s
-        if index == self.num_steps - 1:
+        if index == self.sampling_steps - 1:
             # First-order step to sigma 0: (0 / sigma_s) x - alpha_t (exp(-inf) - 1) x0 = x0 exactly.
             prev_sample = x0
         else:
@@ -241,17 +178,120 @@ class DPMSolverSampler(Sampler):
         return prev_sample
 
 
-SAMPLERS = {"dpm": DPMSolverSampler, "ddim": DDIMSampler, "iddpm": IDDPMSampler}
+class _RespacedSampler(Sampler):
+    """Base of the samplers over the official respaced diffusion (``IDDPM(str(sampling_steps))``)."""
+
+    def __init__(self, sampling_steps: int, noise: Optional[NoiseSource] = None):
+        self.schedule: DiffusionSchedule = respaced_schedule(sampling_steps)
+        self.timesteps = self.schedule.timesteps[::-1].copy()
+
+    def _coef(self, table: np.ndarray, index: int) -> np.float32:
+        """Float64 ``table`` entry for call-order ``index``, as float32 (the reference's
+        ``_extract_into_tensor(...).float()``); schedule index 0 is called last."""
+        return _F32(table[self.sampling_steps - 1 - index])
+
+    def _predict_x0(self, eps: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
+        """x0 = x / sqrt(abar) - sqrt(1 / abar - 1) * eps  (``_predict_xstart_from_eps``)."""
+        s = self.schedule
+        return self._coef(s.sqrt_recip_alphas_cumprod, index) * sample - self._coef(
+            s.sqrt_recipm1_alphas_cumprod, index
+        ) * eps
 
 
-def make_sampler(name: str, num_steps: int, noise: Optional[NoiseSource] = None) -> Sampler:
-    """Build the sampler ``name`` ("dpm", "ddim" or "iddpm") for ``num_steps`` steps.
+@register_sampler
+class DDIMSampler(_RespacedSampler):
+    """Deterministic DDIM (eta = 0) as the official ``ddim_sample_loop`` over ``IDDPM(str(sampling_steps))``.
 
-    ``noise`` (a seeded ``np.random.Generator`` or ``shape -> array`` callable) feeds IDDPM's
-    per-step noise; the deterministic samplers ignore it.
+    Each step moves to the next timestep actually used (the respaced diffusion's
+    ``alphas_cumprod_prev``; 1 after the last step), unlike diffusers' ``DDIMScheduler``, which
+    moves to ``t - 1000 // sampling_steps``.  Takes eps only (C channels)::
+
+        x0     = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+        x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps
+
+    The reference re-derives eps from x0 before the second line; with no x0 clipping
+    (PixArt samples with ``clip_denoised=False``) that is the model's eps, used here directly.
+    """
+
+    name = "ddim"
+    description = "DDIM, eta 0, stepping between the official respaced timesteps"
+
+    def __init__(self, sampling_steps: int, noise: Optional[NoiseSource] = None):
+        super().__init__(sampling_steps)
+        alphas_cumprod_prev = self.schedule.alphas_cumprod_prev
+        self._sqrt_alphas_cumprod_prev = np.sqrt(alphas_cumprod_prev)
+        self._sqrt_one_minus_alphas_cumprod_prev = np.sqrt(1.0 - alphas_cumprod_prev)
+
+    def step(self, model_output, index, sample):
+        eps, sample = self._inputs(model_output, index, sample)
+        x0 = self._predict_x0(eps, index, sample)
+        return self._coef(self._sqrt_alphas_cumprod_prev, index) * x0 + self._coef(
+            self._sqrt_one_minus_alphas_cumprod_prev, index
+        ) * eps
+
+
+@register_sampler
+class IDDPMSampler(_RespacedSampler):
+    """Ancestral sampling with learned variance: the official ``p_sample_loop`` over ``IDDPM(str(sampling_steps))``.
+
+    Takes all 2C model channels: eps, then v in [-1, 1] interpolating the log variance
+    between the clipped posterior variance and beta of the *respaced* schedule
+    (``learned_range``)::
+
+        x0       = x / sqrt(abar_t) - sqrt(1 / abar_t - 1) eps      (clip_denoised=False)
+        mean     = posterior_mean_coef1_t x0 + posterior_mean_coef2_t x
+        log_var  = frac log(beta_t) + (1 - frac) log(beta~_t),   frac = (v + 1) / 2
+        x_prev   = mean + exp(log_var / 2) z,   z ~ N(0, I), no noise at the last step (t = 0)
+
+    Args:
+        noise: a seeded ``np.random.Generator`` or a callable ``shape -> float32 array`` that
+            supplies z; None uses a fresh unseeded generator.
+    """
+
+    name = "iddpm"
+    description = "IDDPM ancestral sampling with the learned variance (needs ~100 steps)"
+    stochastic = True
+    learned_variance = True
+    default_steps = 100
+
+    def __init__(self, sampling_steps: int, noise: Optional[NoiseSource] = None):
+        super().__init__(sampling_steps)
+        if noise is None:
+            noise = np.random.default_rng()
+        if isinstance(noise, np.random.Generator):
+            generator = noise
+            noise = lambda shape: generator.standard_normal(shape, dtype=np.float32)  # noqa: E731
+        self._noise = noise
+
+    def step(self, model_output, index, sample):
+        model_output, sample = self._inputs(model_output, index, sample)
+        eps, var_values = np.split(model_output, 2, axis=1)
+        s = self.schedule
+        x0 = self._predict_x0(eps, index, sample)
+        mean = (
+            self._coef(s.posterior_mean_coef1, index) * x0 + self._coef(s.posterior_mean_coef2, index) * sample
+        )
+        if index == self.sampling_steps - 1:
+            return mean
+        frac = (var_values + _ONE) / _F32(2.0)
+        log_variance = frac * self._coef(s.log_betas, index) + (_ONE - frac) * self._coef(
+            s.posterior_log_variance_clipped, index
+        )
+        z = np.asarray(self._noise(sample.shape), dtype=np.float32)
+        return mean + np.exp(_HALF * log_variance) * z
+
+
+def make_sampler(name: str, sampling_steps: int, noise: Optional[NoiseSource] = None) -> Sampler:
+    """Build the registered sampler ``name`` for ``sampling_steps`` steps.
+
+    ``noise`` (a seeded ``np.random.Generator`` or ``shape -> array`` callable) feeds the
+    per-step noise of stochastic samplers; the others ignore it.
     """
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid choices: {', '.join(sorted(SAMPLERS))}")
-    if name == "iddpm":
-        return IDDPMSampler(num_steps, noise=noise)
-    return SAMPLERS[name](num_steps)
+        raise InputError(f"unknown sampler {name!r}; valid choices: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name](sampling_steps, noise=noise)
+
+
+def describe_samplers() -> str:
+    """'name: description' of every registered sampler, for help texts."""
+    return "; ".join(f"{cls.name}: {cls.description}" for cls in SAMPLERS.values())

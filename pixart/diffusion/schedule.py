@@ -19,20 +19,22 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from pixart.errors import InputError
+
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 1e-4
 BETA_END = 0.02
 
 
-def check_num_steps(num_steps: int) -> int:
-    """Return ``num_steps`` as an int, or raise ValueError unless it is an integer in [1, 1000]."""
-    if isinstance(num_steps, bool) or int(num_steps) != num_steps:
-        raise ValueError(f"number of sampling steps must be an integer, got {num_steps!r}")
-    if not 1 <= num_steps <= NUM_TRAIN_TIMESTEPS:
-        raise ValueError(
-            f"number of sampling steps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {num_steps}"
+def check_sampling_steps(sampling_steps: int) -> int:
+    """Return ``sampling_steps`` as an int, or raise InputError unless it is an integer in [1, 1000]."""
+    if isinstance(sampling_steps, bool) or int(sampling_steps) != sampling_steps:
+        raise InputError(f"number of sampling steps must be an integer, got {sampling_steps!r}")
+    if not 1 <= sampling_steps <= NUM_TRAIN_TIMESTEPS:
+        raise InputError(
+            f"number of sampling steps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {sampling_steps}"
         )
-    return int(num_steps)
+    return int(sampling_steps)
 
 
 def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
@@ -158,7 +160,8 @@ class DiffusionSchedule:
         )
 
     @property
-    def num_steps(self) -> int:
+    def num_timesteps(self) -> int:
+        """Steps of this diffusion: 1000 for training, the sampling steps for a respaced one."""
         return int(self.betas.shape[0])
 
 
@@ -167,16 +170,16 @@ def training_schedule() -> DiffusionSchedule:
     return DiffusionSchedule.from_betas(linear_betas())
 
 
-def respaced_schedule(num_steps: int) -> DiffusionSchedule:
-    """The official ``IDDPM(str(num_steps))`` sampling diffusion: ``SpacedDiffusion`` over the kept steps.
+def respaced_schedule(sampling_steps: int) -> DiffusionSchedule:
+    """The official ``IDDPM(str(sampling_steps))`` sampling diffusion: ``SpacedDiffusion`` over the kept steps.
 
-    Keeps ``space_timesteps(1000, num_steps)`` of the linear training schedule and gives kept
+    Keeps ``space_timesteps(1000, sampling_steps)`` of the linear training schedule and gives kept
     step i the beta that makes its alphas_cumprod equal the base value at that timestep:
     ``beta_i = 1 - abar[t_i] / abar[t_{i-1}]`` (abar before the first kept step is 1).  The
     tables are then rebuilt from these betas, as the reference does.
     """
-    num_steps = check_num_steps(num_steps)
-    kept = space_timesteps(NUM_TRAIN_TIMESTEPS, num_steps)
+    sampling_steps = check_sampling_steps(sampling_steps)
+    kept = space_timesteps(NUM_TRAIN_TIMESTEPS, sampling_steps)
     kept_alphas_cumprod = np.cumprod(1.0 - linear_betas())[kept]
     previous = np.append(1.0, kept_alphas_cumprod[:-1])
     return DiffusionSchedule.from_betas(1.0 - kept_alphas_cumprod / previous, timesteps=kept)

@@ -28,8 +28,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn, ops
 from mindspore.common.initializer import initializer
 
-from pixart.utils.errors import ModelLoadError
-from pixart.utils.hf_folder import load_weights, read_config
+from pixart.errors import ModelLoadError
+from pixart.utils.hf_folder import load_folder_weights, read_folder_config
 
 _IM2COL_BUDGET = 1 << 26   # elements of one im2col buffer (256 MiB in fp32)
 _SCORES_BUDGET = 1 << 24   # elements of one block of attention scores (64 MiB in fp32)
@@ -83,9 +83,10 @@ class AutoencoderKLConfig:
 class Conv2d(nn.Cell):
     """2D convolution with torch's parameter layout: weight (O, C, k, k), bias (O,).
 
-    (B, C, H, W) -> (B, O, H', W'). On CPU it runs as im2col (``ops.unfold``) plus a matmul,
-    in bands of output rows that bound the im2col buffer: MindSpore's CPU convolution kernel
-    takes a plain-layout oneDNN path that is about 100x slower than that matmul.
+    (B, C, H, W) -> (B, O, H', W'). With ``im2col`` (the CPU path) it runs as im2col
+    (``ops.unfold``) plus a matmul, in bands of output rows that bound the im2col buffer:
+    MindSpore's CPU convolution kernel takes a plain-layout oneDNN path that is about 100x
+    slower than that matmul. Otherwise it calls ``ops.conv2d``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -95,7 +96,7 @@ class Conv2d(nn.Cell):
         self.weight = Parameter(initializer("zeros", (out_channels, in_channels, kernel_size, kernel_size), dtype),
                                 name="weight")
         self.bias = Parameter(initializer("zeros", (out_channels,), dtype), name="bias")
-        self.im2col = ms.get_context("device_target") == "CPU"
+        self.im2col = True  # AutoencoderKL sets the path of all its convs from its ``conv`` option
 
     def construct(self, x):
         b, c, h, w = x.shape
@@ -355,13 +356,17 @@ class AutoencoderKL(nn.Cell):
 
     ``dtype`` is the weight and compute dtype (fp32 by default); fp16 is promoted to fp32
     when the config sets ``force_upcast`` (the SD and SDXL VAEs overflow in fp16).
-    GroupNorm and the attention softmax always run in fp32.
+    GroupNorm and the attention softmax always run in fp32. ``conv`` picks how convolutions
+    run: ``im2col`` (im2col + matmul), ``native`` (``ops.conv2d``) or ``auto`` (im2col on CPU,
+    native elsewhere), decided here once for every conv.
     """
 
-    def __init__(self, config: AutoencoderKLConfig, dtype=ms.float32):
+    def __init__(self, config: AutoencoderKLConfig, dtype=ms.float32, conv: str = "auto"):
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(map(str, _DTYPES))}, got {dtype}")
+        if conv not in ("auto", "im2col", "native"):
+            raise ValueError(f"conv must be auto, im2col or native, got {conv!r}")
         self.config = config
         self.compute_dtype = ms.float32 if dtype == ms.float16 and config.force_upcast else dtype
         dtype = self.compute_dtype
@@ -370,6 +375,10 @@ class AutoencoderKL(nn.Cell):
         self.decoder = Decoder(config, dtype)
         self.quant_conv = Conv2d(2 * latent, 2 * latent, 1, dtype=dtype) if config.use_quant_conv else None
         self.post_quant_conv = Conv2d(latent, latent, 1, dtype=dtype) if config.use_post_quant_conv else None
+        im2col = ms.get_context("device_target") == "CPU" if conv == "auto" else conv == "im2col"
+        for _, cell in self.cells_and_names():
+            if isinstance(cell, Conv2d):
+                cell.im2col = im2col
 
     @property
     def scaling_factor(self) -> float:
@@ -438,19 +447,19 @@ class AutoencoderKL(nn.Cell):
         return np.concatenate(rows, axis=2)
 
     @classmethod
-    def from_pretrained(cls, folder: str, dtype=ms.float32) -> "AutoencoderKL":
+    def from_pretrained(cls, folder: str, dtype=ms.float32, conv: str = "auto") -> "AutoencoderKL":
         """Build from ``folder/config.json`` and load ``diffusion_pytorch_model.safetensors``.
 
         Old diffusers exports that name the attention ``query/key/value/proj_attn`` load too.
         Raises ``ModelLoadError`` when the folder is unusable.
         """
-        raw = read_config(folder, "VAE")
+        raw = read_folder_config(folder, "VAE")
         try:
             config = AutoencoderKLConfig.from_hf(raw)
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"VAE: {folder}/config.json: {e}") from None
-        model = cls(config, dtype)
-        load_weights(model, folder, "diffusion_pytorch_model", rename=_checkpoint_name_to_param)
+        model = cls(config, dtype, conv)
+        load_folder_weights(model, folder, "diffusion_pytorch_model", rename=_checkpoint_name_to_param)
         model.set_train(False)
         return model
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -51,8 +51,9 @@ class PixArtConfig:
         self.kv_compress_layers = tuple(int(i) for i in self.kv_compress_layers)
         if self.base_size is None:
             self.base_size = self.input_size // self.patch_size
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads < 1 or self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads must be a positive divisor of hidden_size {self.hidden_size}, "
+                             f"got {self.num_heads}")
         if self.kv_compress_sampling not in ("conv", "ave", "uniform"):
             raise ValueError(f"kv_compress_sampling must be conv, ave or uniform, not {self.kv_compress_sampling!r}")
         if self.micro_condition and self.hidden_size % 3:
@@ -92,6 +93,70 @@ PRESETS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """Which implementation a layer computes with, decided once when the model is built.
+
+    attention: ``math`` (scores and softmax as matmuls, any device and dtype) or ``flash``
+    (MindSpore's fused ``flash_attention_score``: Ascend, fp16/bf16 only).
+    gelu: ``composed`` (``x * sigmoid(...)``, four elementwise ops: on CPU about 4x faster than
+    MindSpore's fused kernel) or ``fused`` (``ops.gelu(approximate="tanh")``). Both are the
+    tanh approximation.
+    """
+    attention: str = "math"
+    gelu: str = "composed"
+
+    def __post_init__(self):
+        if self.attention not in ("math", "flash"):
+            raise ValueError(f"attention kernel must be math or flash, not {self.attention!r}")
+        if self.gelu not in ("composed", "fused"):
+            raise ValueError(f"gelu kernel must be composed or fused, not {self.gelu!r}")
+
+    @classmethod
+    def for_device(cls, device: Optional[str] = None, dtype=ms.float32) -> "Kernels":
+        """The fastest choice for ``device`` (default: MindSpore's current device target)."""
+        device = device or ms.get_context("device_target")
+        flash = device == "Ascend" and dtype in (ms.float16, ms.bfloat16)
+        return cls(attention="flash" if flash else "math", gelu="composed" if device == "CPU" else "fused")
+
+
+class Conditioning(NamedTuple):
+    """What the transformer is conditioned on besides the timestep, for a batch of B samples.
+
+    caption: (B, L, Ct) T5 features; caption_mask: (B, L), 1 for real tokens and 0 for padding;
+    resolution: (B, 2) image [height, width] and aspect_ratio: (B, 1) height/width, read by
+    micro-conditioned models only; drop_caption: (B,) bool, True where training replaces the
+    caption by the null caption. Build it with :meth:`of`, which fills what is not given with
+    neutral values (every token real, micro-conditions 0, no caption dropped).
+
+    It travels through the cells as one argument. Inside compiled code it arrives as a plain
+    tuple in this field order, and cells unpack it (``caption, mask, ... = cond``) rather than
+    read attributes: MindSpore 2.10 mis-types a NamedTuple handed into a cell in graph mode. At an
+    ``ms.jit`` boundary pass it splatted (``fn(x, t, *cond)``, then ``model(x, t, fields)``):
+    the tensors of a tuple argument would be taken as constants, compiling again for every new
+    value. No field is ever None, so no ``is None`` test depends on what a tuple carries.
+    """
+    caption: Tensor
+    caption_mask: Tensor
+    resolution: Tensor
+    aspect_ratio: Tensor
+    drop_caption: Tensor
+
+    @classmethod
+    def of(cls, caption, caption_mask=None, resolution=None, aspect_ratio=None, drop_caption=None) -> "Conditioning":
+        """Tensors (or NumPy arrays) for the fields given, neutral values for the others."""
+        caption = np.asarray(caption, np.float32) if isinstance(caption, np.ndarray) else caption
+        b, length = caption.shape[:2]
+
+        def tensor(value, default, dtype):
+            value = default if value is None else value
+            return value if isinstance(value, Tensor) else Tensor(np.asarray(value, dtype))
+
+        return cls(tensor(caption, None, np.float32), tensor(caption_mask, np.ones((b, length)), np.int32),
+                   tensor(resolution, np.zeros((b, 2)), np.float32), tensor(aspect_ratio, np.zeros((b, 1)), np.float32),
+                   tensor(drop_caption, np.zeros((b,), bool), np.bool_))
+
+
 # ----------------------------------------------------------------------------------------
 # Fixed embeddings (computed on the host: they depend on shapes only, which are static)
 # ----------------------------------------------------------------------------------------
@@ -128,7 +193,40 @@ def timestep_frequencies(dim: int = 256, max_period: float = 10000.0) -> np.ndar
 # Layers
 # ----------------------------------------------------------------------------------------
 
-class Linear(nn.Cell):
+class AdapterSlot(nn.Cell):
+    """A layer that can carry an adapter: a cell added to its output (LoRA and the like).
+
+    ``adapter(x)`` gets the layer's input (for a conv: the flattened patches, as the layer
+    computes it) and returns an addition to its output. An adapter that has a weight form
+    (``delta_weight()``: the change of ``weight`` with the same effect) can be merged into the
+    weight, which removes its per-call cost. With no adapter the layer compiles as if the slot
+    did not exist.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.adapter = None
+
+    def attach_adapter(self, adapter: nn.Cell, name: str) -> None:
+        """Carry ``adapter``; ``name`` is this layer's path in the model (``blocks.0.attn.qkv``),
+        which the adapter's parameters are named under (``blocks.0.attn.qkv.adapter.<...>``): a
+        compiled graph needs every parameter name unique."""
+        self.adapter = adapter  # (assigning a cell re-prefixes its parameters: rename after)
+        for local, param in adapter.parameters_and_names():
+            param.name = f"{name}.adapter.{local}"
+
+    def detach_adapter(self) -> Optional[nn.Cell]:
+        adapter, self.adapter = self.adapter, None
+        return adapter
+
+    def adapted(self, x, y):
+        """``y``, the layer's output for input ``x``, plus the adapter's addition if there is one."""
+        if self.adapter is None:
+            return y
+        return y + self.adapter(x).astype(y.dtype)
+
+
+class Linear(AdapterSlot):
     """``y = x W^T + b`` with torch's parameter names and layout, (..., in) -> (..., out).
 
     Weights stay in their storage dtype (fp32 masters for training); the matmul runs in
@@ -148,10 +246,10 @@ class Linear(nn.Cell):
             x = x.astype(self.compute_dtype)
             w = w.astype(self.compute_dtype)
             b = None if b is None else b.astype(self.compute_dtype)
-        return ops.dense(x, w, b)
+        return self.adapted(x, ops.dense(x, w, b))
 
 
-class ConvWeights(nn.Cell):
+class ConvWeights(AdapterSlot):
     """Holds a conv's torch-named ``weight`` (out, in/groups, k, k) and ``bias`` (out,); the
     cells using it compute the conv as a matmul or a weighted sum, which is exact for the
     kernel = stride convolutions PixArt has."""
@@ -182,29 +280,24 @@ class LayerNorm(nn.Cell):
 
 def gelu_tanh_composed(x):
     """tanh-approximate GELU written as ``x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3))``, which
-    equals ``0.5 x (1 + tanh(...))``. MindSpore's fused GeLU kernel on CPU is ~4x slower than
-    these four elementwise ops."""
+    equals ``0.5 x (1 + tanh(...))``."""
     return x * ops.sigmoid(x * (1.5957691216057308 + 0.0713548162726009 * (x * x)))
 
 
 class Mlp(nn.Cell):
     """fc1 -> tanh-GELU -> fc2, (..., in) -> (..., out)."""
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: int, compute_dtype=ms.float32):
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, compute_dtype=ms.float32,
+                 kernels: Kernels = Kernels()):
         super().__init__()
         self.fc1 = Linear(in_features, hidden_features, compute_dtype=compute_dtype)
         self.fc2 = Linear(hidden_features, out_features, compute_dtype=compute_dtype)
-        self.composed_gelu = ms.get_context("device_target") == "CPU"
+        self.composed_gelu = kernels.gelu == "composed"
 
     def construct(self, x):
         h = self.fc1(x)
         h = gelu_tanh_composed(h) if self.composed_gelu else ops.gelu(h, approximate="tanh")
         return self.fc2(h)
-
-
-def _use_flash_attention(dtype) -> bool:
-    """The fused kernel exists on Ascend only, for half precision; everything else takes the math path."""
-    return ms.get_context("device_target") == "Ascend" and dtype in (ms.float16, ms.bfloat16)
 
 
 def attention(q, k, v, bias=None, flash: bool = False):
@@ -235,7 +328,7 @@ class SelfAttention(nn.Cell):
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, kv_ratio: int = 1,
-                 kv_sampling: str = "conv", compute_dtype=ms.float32):
+                 kv_sampling: str = "conv", compute_dtype=ms.float32, kernels: Kernels = Kernels()):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = Linear(dim, dim * 3, compute_dtype=compute_dtype)
@@ -250,7 +343,7 @@ class SelfAttention(nn.Cell):
             # depthwise conv, kernel = stride = ratio, initialised to an average as officially
             self.sr = ConvWeights(np.full((dim, 1, kv_ratio, kv_ratio), 1.0 / kv_ratio ** 2, np.float32))
             self.norm = LayerNorm(dim, eps=1e-5, affine=True)
-        self.flash = _use_flash_attention(compute_dtype)
+        self.flash = kernels.attention == "flash"
 
     def _compress(self, t, h, w):
         """(B, h*w, D) -> (B, (h/r)*(w/r), D)."""
@@ -288,13 +381,13 @@ class SelfAttention(nn.Cell):
 class CrossAttention(nn.Cell):
     """Image tokens attend to caption tokens: (B, N, D), (B, L, D), bias (B, 1, 1, L) -> (B, N, D)."""
 
-    def __init__(self, dim: int, num_heads: int, compute_dtype=ms.float32):
+    def __init__(self, dim: int, num_heads: int, compute_dtype=ms.float32, kernels: Kernels = Kernels()):
         super().__init__()
         self.num_heads = num_heads
         self.q_linear = Linear(dim, dim, compute_dtype=compute_dtype)
         self.kv_linear = Linear(dim, dim * 2, compute_dtype=compute_dtype)
         self.proj = Linear(dim, dim, compute_dtype=compute_dtype)
-        self.flash = _use_flash_attention(compute_dtype)
+        self.flash = kernels.attention == "flash"
 
     def construct(self, x, y, bias):
         b, n, d = x.shape
@@ -319,23 +412,26 @@ class PixArtBlock(nn.Cell):
     gate for the attention and the MLP branches.
     """
 
-    def __init__(self, cfg: PixArtConfig, kv_ratio: int = 1, compute_dtype=ms.float32):
+    def __init__(self, cfg: PixArtConfig, kv_ratio: int = 1, compute_dtype=ms.float32, kernels: Kernels = Kernels()):
         super().__init__()
         dim = cfg.hidden_size
         self.norm1 = LayerNorm(dim)
-        self.attn = SelfAttention(dim, cfg.num_heads, cfg.qk_norm, kv_ratio, cfg.kv_compress_sampling, compute_dtype)
-        self.cross_attn = CrossAttention(dim, cfg.num_heads, compute_dtype)
+        self.attn = SelfAttention(dim, cfg.num_heads, cfg.qk_norm, kv_ratio, cfg.kv_compress_sampling, compute_dtype,
+                                  kernels)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, compute_dtype, kernels)
         self.norm2 = LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), dim, compute_dtype)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), dim, compute_dtype, kernels)
         self.scale_shift_table = Parameter(Tensor(np.zeros((6, dim), np.float32)), name="scale_shift_table")
 
-    def construct(self, x, y, t6, y_bias, h: int, w: int):
-        """x (B, N, D), y (B, L, D), t6 (B, 6D), y_bias (B, 1, 1, L) -> (B, N, D)."""
+    def construct(self, x, inputs, h: int, w: int):
+        """x (B, N, D), inputs = (caption tokens (B, L, D), t6 (B, 6D), caption bias (B, 1, 1, L))
+        -> (B, N, D)."""
+        caption, t6, caption_bias = inputs
         b = x.shape[0]
         mod = self.scale_shift_table.astype(x.dtype) + t6.reshape(b, 6, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(mod, 1, axis=1)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), h, w)
-        x = x + self.cross_attn(x, y, y_bias)
+        x = x + self.cross_attn(x, caption, caption_bias)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -366,20 +462,25 @@ class SizeEmbedder(TimestepEmbedder):
         return self.embed(s.reshape(-1)).reshape(b, -1)
 
 
+def random_null_caption(rng: np.random.Generator, tokens: int, channels: int) -> np.ndarray:
+    """The official initialisation of ``y_embedding``, (tokens, channels): randn / sqrt(channels)."""
+    return (rng.standard_normal((tokens, channels)) / channels ** 0.5).astype(np.float32)
+
+
 class CaptionEmbedder(nn.Cell):
     """T5 features -> hidden size, (B, L, Ct) -> (B, L, D). ``y_embedding`` (L, Ct) is the learned
     null caption that replaces dropped captions in training (classifier-free guidance)."""
 
-    def __init__(self, in_channels: int, hidden_size: int, token_num: int, compute_dtype=ms.float32):
+    def __init__(self, in_channels: int, hidden_size: int, token_num: int, compute_dtype=ms.float32,
+                 kernels: Kernels = Kernels()):
         super().__init__()
-        self.y_proj = Mlp(in_channels, hidden_size, hidden_size, compute_dtype)
+        self.y_proj = Mlp(in_channels, hidden_size, hidden_size, compute_dtype, kernels)
         self.y_embedding = Parameter(Tensor(np.zeros((token_num, in_channels), np.float32)), name="y_embedding",
                                      requires_grad=False)
 
-    def construct(self, y, drop=None):
-        """drop: None or (B,) bool, True where the caption is replaced by the null caption."""
-        if drop is not None:
-            y = ops.where(drop[:, None, None], self.y_embedding.astype(y.dtype)[None], y)
+    def construct(self, y, drop):
+        """drop: (B,) bool, True where the caption is replaced by the null caption."""
+        y = ops.where(drop[:, None, None], self.y_embedding.astype(y.dtype)[None], y)
         return self.y_proj(y)
 
 
@@ -402,7 +503,8 @@ class PatchEmbed(nn.Cell):
     """Non-overlapping p×p patches -> tokens, (B, C, H, W) -> (B, h*w, D), rows first.
 
     Stored as the official conv weight (D, C, p, p); a conv with kernel = stride = p is a
-    matmul over flattened patches, which is what we compute.
+    matmul over flattened patches, which is what we compute. An adapter on ``proj`` sees the
+    flattened patches (B, N, C*p*p), channels first within a patch as the weight's layout.
     """
 
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int, compute_dtype=ms.float32):
@@ -417,37 +519,47 @@ class PatchEmbed(nn.Cell):
         patches = x.reshape(b, c, hh // p, p, ww // p, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
         w = self.proj.weight.reshape(self.proj.weight.shape[0], -1)
         dt = self.compute_dtype
-        return ops.dense(patches.astype(dt), w.astype(dt), self.proj.bias.astype(dt))
+        patches = patches.astype(dt)
+        return self.proj.adapted(patches, ops.dense(patches, w.astype(dt), self.proj.bias.astype(dt)))
 
 
 # ----------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------
 
+# what every block reads besides the image tokens: (caption tokens (B, L, D), the timestep's adaLN
+# projection t6 (B, 6D), the caption attention bias (B, 1, 1, L)), as a plain tuple
+BlockInputs = Tuple[Tensor, Tensor, Tensor]
+BlockRunner = Callable[[int, Tensor, BlockInputs, int, int], Tensor]
+
+
 class PixArt(nn.Cell):
     """PixArt transformer for the square size it was trained at (the Σ 256px checkpoint).
 
-    construct(x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_caption=None)
-        x: (B, C, H, W) noisy latents; timestep: (B,) float or int;
-        y: (B, L, Ct) T5 features; mask: (B, L) 1 for real tokens, 0 for padding;
-        resolution: (B, 2) image [height, width] and aspect_ratio: (B, 1) height/width, used
-        only with micro-conditions; drop_caption: (B,) bool, training-time caption dropout.
-        Returns (B, out_channels, H, W): eps, then the variance values when learn_sigma.
+    construct(x, timestep, cond)
+        x: (B, C, H, W) noisy latents; timestep: (B,) float or int; cond: a ``Conditioning``
+        (caption features and mask, micro-conditions, training-time caption dropout).
+        Returns (B, out_channels, H, W) float32: eps, then the variance values when learn_sigma.
+
+    The forward is three stages that other forwards reuse: ``embed`` (latents and conditioning
+    to tokens and block inputs), ``run_blocks`` (the one block loop, which also takes per-block
+    residuals from a control branch) and ``head`` (final layer and unpatchify).
     """
 
-    def __init__(self, config: PixArtConfig, dtype=ms.float32):
+    def __init__(self, config: PixArtConfig, dtype=ms.float32, kernels: Optional[Kernels] = None):
         super().__init__()
         self.config = cfg = config
         self.dtype = dtype
+        self.kernels = kernels = kernels or Kernels.for_device(dtype=dtype)
         d = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d, dtype)
         self.t_embedder = TimestepEmbedder(d, compute_dtype=dtype)
         self.t_block = nn.SequentialCell([nn.SiLU(), Linear(d, 6 * d, compute_dtype=dtype)])
-        self.y_embedder = CaptionEmbedder(cfg.caption_channels, d, cfg.model_max_length, dtype)
+        self.y_embedder = CaptionEmbedder(cfg.caption_channels, d, cfg.model_max_length, dtype, kernels)
         if cfg.micro_condition:
             self.csize_embedder = SizeEmbedder(d // 3, compute_dtype=dtype)
             self.ar_embedder = SizeEmbedder(d // 3, compute_dtype=dtype)
-        self.blocks = nn.CellList([PixArtBlock(cfg, ratio, dtype) for ratio in self.block_kv_ratios()])
+        self.blocks = nn.CellList([PixArtBlock(cfg, ratio, dtype, kernels) for ratio in self.block_kv_ratios()])
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels, dtype)
         self.initialize_weights()
 
@@ -461,11 +573,10 @@ class PixArt(nn.Cell):
         cfg = self.config
         return Tensor(sincos_pos_embed_2d(cfg.hidden_size, h, w, float(cfg.pe_interpolation), int(cfg.base_size)))
 
-    def construct(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_caption=None):
+    def construct(self, x, timestep, cond: Conditioning):
         h, w = self.token_grid(x)
-        x, y, t, t6, y_bias = self.embed(x, timestep, y, mask, resolution, aspect_ratio, drop_caption)
-        for block in self.blocks:
-            x = block(x, y, t6, y_bias, h, w)
+        x, t, inputs = self.embed(x, timestep, cond)
+        x = self.run_blocks(x, inputs, h, w)
         return self.head(x, t, h, w)
 
     def token_grid(self, x):
@@ -475,10 +586,10 @@ class PixArt(nn.Cell):
         p = self.config.patch_size
         return hh // p, ww // p
 
-    def embed(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_caption=None):
-        """construct's inputs -> what every block reads: image tokens x (B, N, D), caption
-        tokens y (B, L, D), timestep embedding t (B, D), its adaLN projection t6 (B, 6D) and
-        the caption attention bias y_bias (B, 1, 1, L)."""
+    def embed(self, x, timestep, cond: Conditioning):
+        """construct's inputs -> image tokens x (B, N, D), the timestep embedding t (B, D) and the
+        ``BlockInputs`` every block reads."""
+        caption, caption_mask, resolution, aspect_ratio, drop_caption = cond
         b = x.shape[0]
         h, w = self.token_grid(x)
         x = self.x_embedder(x.astype(self.dtype)) + self.pos_embed(h, w).astype(self.dtype)[None]
@@ -486,13 +597,27 @@ class PixArt(nn.Cell):
         if self.config.micro_condition:
             t = t + ops.concat([self.csize_embedder(resolution), self.ar_embedder(aspect_ratio)], axis=1)
         t = t.astype(self.dtype)
-        t6 = self.t_block(t)
-        y = self.y_embedder(y.astype(self.dtype), drop_caption)
-        if mask is None:
-            y_bias = ops.zeros((b, 1, 1, y.shape[1]), ms.float32)
-        else:
-            y_bias = ((1.0 - mask.astype(ms.float32)) * MASK_BIAS).reshape(b, 1, 1, -1)
-        return x, y, t, t6, y_bias
+        y = self.y_embedder(caption.astype(self.dtype), drop_caption)
+        y_bias = ((1.0 - caption_mask.astype(ms.float32)) * MASK_BIAS).reshape(b, 1, 1, -1)
+        return x, t, (y, self.t_block(t), y_bias)
+
+    def run_blocks(self, x, inputs: BlockInputs, h: int, w: int, residuals=None, start: int = 0,
+                   stop: Optional[int] = None, run_block: Optional[BlockRunner] = None):
+        """Blocks ``start`` .. ``stop - 1`` (default: all) over image tokens x (B, N, D).
+
+        residuals: None or a sequence whose entry k, (B, N, D), is added to the input of block
+        ``start + k`` (a control branch's output). run_block(index, x, inputs, h, w) replaces
+        calling the block cell (the streamed forward runs every block through one template).
+        """
+        stop = len(self.blocks) if stop is None else stop
+        for index in range(start, stop):
+            if residuals is not None and index - start < len(residuals):
+                x = x + residuals[index - start]
+            if run_block is None:
+                x = self.blocks[index](x, inputs, h, w)
+            else:
+                x = run_block(index, x, inputs, h, w)
+        return x
 
     def head(self, x, t, h: int, w: int):
         """Final layer and unpatchify: tokens (B, N, D), t (B, D) -> (B, out_channels, H, W) float32."""
@@ -509,6 +634,22 @@ class PixArt(nn.Cell):
         c = self.config.out_channels
         x = x.reshape(x.shape[0], h, w, p, p, c).transpose(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def adapter_slots(self):
+        """{name: layer} of every layer that can carry an adapter (the Linears and the patch
+        embedding), named as their weights are, without the ``.weight``."""
+        slots = {name: cell for name, cell in self.cells_and_names() if isinstance(cell, Linear)}
+        slots["x_embedder.proj"] = self.x_embedder.proj
+        return slots
+
+    def attach_adapters(self, adapters) -> None:
+        """Attach {slot name: adapter cell}; an unknown slot name is a ValueError."""
+        slots = self.adapter_slots()
+        unknown = sorted(set(adapters) - set(slots))
+        if unknown:
+            raise ValueError(f"no adapter slot named {', '.join(unknown[:5])}")
+        for name, adapter in adapters.items():
+            slots[name].attach_adapter(adapter, name)
 
     def enable_recompute(self):
         """Activation checkpointing per block: recompute block activations in the backward pass."""
@@ -550,8 +691,8 @@ class PixArt(nn.Cell):
         set_(final.scale_shift_table, rng.standard_normal((2, d)) / d ** 0.5)
         set_(final.linear.weight, np.zeros(final.linear.weight.shape))
         set_(final.linear.bias, np.zeros(final.linear.bias.shape))
-        ct = self.config.caption_channels
-        set_(self.y_embedder.y_embedding, rng.standard_normal((self.config.model_max_length, ct)) / ct ** 0.5)
+        set_(self.y_embedder.y_embedding, random_null_caption(rng, self.config.model_max_length,
+                                                              self.config.caption_channels))
 
 
 class PixArtMS(PixArt):
@@ -573,7 +714,7 @@ class BlockStreamedForward:
     block and the head are separate graphs, and the block graph takes a block's weights as
     inputs and copies them into a template block before running it, so all blocks share one
     compiled graph and one set of buffers. Each block costs one graph launch and a copy of its
-    weights (85 MB at XL) on top of its compute.
+    weights (85 MB at XL) on top of its compute. Adapters must be merged into the weights first.
     """
 
     def __init__(self, model: PixArt):
@@ -581,38 +722,45 @@ class BlockStreamedForward:
 
         # plain functions, not ms.jit(model.embed): MindSpore 2.10 mixes up the graphs of
         # jitted bound methods with later whole-model graphs of the same cell
-        def embed(*inputs):
-            return model.embed(*inputs)
+        def embed(x, timestep, *cond):
+            return model.embed(x, timestep, cond)
 
         def head(x, t, h, w):
             return model.head(x, t, h, w)
 
         self._embed = ms.jit(embed)
         self._head = ms.jit(head)
-        self._run_block = {ratio: self._compile_block(ratio) for ratio in set(model.block_kv_ratios())}
+        self._compiled_block = {ratio: self._compile_block(ratio) for ratio in set(model.block_kv_ratios())}
 
     def _compile_block(self, kv_ratio: int):
-        template = PixArtBlock(self.model.config, kv_ratio, self.model.dtype)
+        model = self.model
+        template = PixArtBlock(model.config, kv_ratio, model.dtype, model.kernels)
         slots = list(template.get_parameters())
         for slot in slots:
             slot.requires_grad = False
-
-        def run_block(x, y, t6, y_bias, h, w, *weights):
+        def run_block(x, h, w, caption, t6, caption_bias, *weights):
             for slot, value in zip(slots, weights):
                 ops.assign(slot, value)
-            return template(x, y, t6, y_bias, h, w)
+            return template(x, (caption, t6, caption_bias), h, w)
 
-        return ms.jit(run_block)
+        return ms.jit(run_block), len(slots)
 
-    def __call__(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_caption=None):
+    def _run_block(self, index: int, x, inputs: BlockInputs, h: int, w: int):
+        block = self.model.blocks[index]
+        compiled, num_weights = self._compiled_block[block.attn.kv_ratio]
+        weights = list(block.get_parameters())
+        if len(weights) != num_weights:
+            raise ValueError(f"block {index} carries adapters: merge them into the weights before streaming")
+        # plain tensors over the parameters' data: no copy, and no gradient tracking
+        return compiled(x, h, w, *inputs, *(Tensor(p) for p in weights))
+
+    def __call__(self, x, timestep, cond: Conditioning):
         h, w = self.model.token_grid(x)
-        x, y, t, t6, y_bias = self._embed(x, timestep, y, mask, resolution, aspect_ratio, drop_caption)
-        for block, ratio in zip(self.model.blocks, self.model.block_kv_ratios()):
-            # plain tensors over the parameters' data: no copy, and no gradient tracking
-            x = self._run_block[ratio](x, y, t6, y_bias, h, w, *(Tensor(p) for p in block.get_parameters()))
+        x, t, inputs = self._embed(x, timestep, *cond)
+        x = self.model.run_blocks(x, tuple(inputs), h, w, run_block=self._run_block)
         return self._head(x, t, h, w)
 
 
-def build_model(config: PixArtConfig, dtype=ms.float32) -> PixArt:
-    """PixArtMS for multi-scale configs, PixArt otherwise."""
-    return (PixArtMS if config.multi_scale else PixArt)(config, dtype=dtype)
+def build_model(config: PixArtConfig, dtype=ms.float32, kernels: Optional[Kernels] = None) -> PixArt:
+    """PixArtMS for multi-scale configs, PixArt otherwise; ``kernels`` default to the current device's best."""
+    return (PixArtMS if config.multi_scale else PixArt)(config, dtype=dtype, kernels=kernels)

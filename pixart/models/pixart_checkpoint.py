@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
+from pixart.errors import ModelLoadError
 from pixart.models.pixart import PixArtConfig
-from pixart.utils.errors import ModelLoadError
-from pixart.utils.mindspore_ckpt import CheckpointFormatError, read_ckpt
+from pixart.utils.mindspore_ckpt import read_ckpt
 
 StateDict = Dict[str, np.ndarray]
 
@@ -47,8 +47,9 @@ _FUSED = [
                             "transformer_blocks.#.attn1.to_v."]),
     ("blocks.#.cross_attn.kv_linear.", ["transformer_blocks.#.attn2.to_k.", "transformer_blocks.#.attn2.to_v."]),
 ]
-# official keys that are recomputed (not weights) and never needed
-_DERIVED_KEYS = {"pos_embed"}
+# the official position-embedding buffer: recomputed for every size, so never loaded; read_source
+# turns it into the trained latent size it tells
+_POS_EMBED = "pos_embed"
 
 
 def _pattern(prefix: str) -> re.Pattern:
@@ -104,7 +105,7 @@ def official_to_diffusers(sd: StateDict) -> StateDict:
     """Rename official keys to diffusers ones (for writing a diffusers ``transformer/`` folder)."""
     out: StateDict = {}
     for key, value in sd.items():
-        if key in _DERIVED_KEYS or key == "y_embedder.y_embedding":
+        if key == "y_embedder.y_embedding":
             continue
         for official, parts in _FUSED:
             m = _match(key, official)
@@ -130,10 +131,10 @@ def _require(sd: StateDict, key: str, what: str) -> np.ndarray:
     return sd[key]
 
 
-def infer_config(sd: StateDict, num_heads: int = 16, **given) -> PixArtConfig:
+def infer_config(sd: StateDict, num_heads: Optional[int] = None, **given) -> PixArtConfig:
     """The architecture from official-named tensors. What tensors cannot tell comes from ``given``
-    (``num_heads``, and ``input_size``/``pe_interpolation``/``model_max_length``/``kv_compress_sampling``/
-    ``multi_scale`` when known from elsewhere)."""
+    (``num_heads``, default 16 as XL/2, and ``input_size``/``pe_interpolation``/``model_max_length``/
+    ``kv_compress_sampling``/``multi_scale`` when known from elsewhere)."""
     patch_w = _require(sd, "x_embedder.proj.weight", "the patch embedding")
     if patch_w.ndim != 4:
         raise ModelLoadError(f"x_embedder.proj.weight should be (hidden, channels, p, p), got {patch_w.shape}")
@@ -147,7 +148,7 @@ def infer_config(sd: StateDict, num_heads: int = 16, **given) -> PixArtConfig:
     fc1 = _require(sd, "blocks.0.mlp.fc1.weight", "the first MLP")
     kv_layers = sorted(int(k.split(".")[1]) for k in sd if re.fullmatch(r"blocks\.\d+\.attn\.sr\.weight", k))
     cfg = dict(
-        patch_size=int(p), in_channels=int(in_ch), hidden_size=int(hidden), depth=depth, num_heads=num_heads,
+        patch_size=int(p), in_channels=int(in_ch), hidden_size=int(hidden), depth=depth, num_heads=num_heads or 16,
         mlp_ratio=fc1.shape[0] / hidden,
         caption_channels=int(_require(sd, "y_embedder.y_proj.fc1.weight", "the caption projection").shape[1]),
         learn_sigma=out_ch == 2 * in_ch,
@@ -160,8 +161,6 @@ def infer_config(sd: StateDict, num_heads: int = 16, **given) -> PixArtConfig:
         cfg["kv_compress_sampling"] = "conv"
     if "y_embedder.y_embedding" in sd:
         cfg["model_max_length"] = int(sd["y_embedder.y_embedding"].shape[0])
-    if "pos_embed" in sd:  # official buffer (1, tokens, hidden) at the trained square size
-        cfg["input_size"] = int(round(np.sqrt(sd["pos_embed"].shape[1]))) * int(p)
     for key, value in given.items():  # tensors win over hints wherever they tell
         if value is not None:
             cfg.setdefault(key, value)
@@ -180,21 +179,38 @@ def expected_shapes(config: PixArtConfig) -> Dict[str, tuple]:
     return {name: tuple(p.shape) for name, p in build_model(config).parameters_and_names()}
 
 
-def check_state_dict(sd: StateDict, config: PixArtConfig, source: str = "checkpoint") -> None:
-    """Raise ``ModelLoadError`` naming every missing, unexpected or mis-shaped tensor."""
-    want = expected_shapes(config)
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
-    mismatched = sorted(f"{k}: {tuple(sd[k].shape)} in the file, {want[k]} in the model"
-                        for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
+def check_state_dict(sd: StateDict, expected: Dict[str, tuple], source: str = "checkpoint",
+                     optional: Iterable[str] = ()) -> None:
+    """Raise ``ModelLoadError`` naming every missing, unexpected or mis-shaped tensor.
+
+    ``expected``: name -> shape of what the model has (``expected_shapes``, or a model's own
+    parameters with its adapters attached); names in ``optional`` (declared adapter keys) may
+    be absent from ``sd`` but, when present, are checked like the others.
+    """
+    optional = set(optional)
+    missing = sorted(set(expected) - set(sd) - optional)
+    unexpected = sorted(set(sd) - set(expected))
+    mismatched = sorted(f"{k}: {tuple(sd[k].shape)} in the file, {expected[k]} in the model"
+                        for k in set(expected) & set(sd) if tuple(sd[k].shape) != tuple(expected[k]))
     problems = []
     for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
         if items:
             shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
             problems.append(f"{title}: {shown}")
     if problems:
-        raise ModelLoadError(f"{source} does not match the PixArt model it describes "
-                             f"(depth {config.depth}, hidden {config.hidden_size}):\n  " + "\n  ".join(problems))
+        raise ModelLoadError(f"{source} does not match the model it is loaded into:\n  " + "\n  ".join(problems))
+
+
+def load_weights(model, sd: StateDict, source: str = "checkpoint", optional: Iterable[str] = ()) -> None:
+    """Copy ``sd`` into ``model``'s parameters of the same names, after checking that every name
+    and shape fits (``check_state_dict``; ``optional`` names may be absent). The one way weights
+    get into a model."""
+    import mindspore as ms
+
+    params = dict(model.parameters_and_names())
+    check_state_dict(sd, {name: tuple(p.shape) for name, p in params.items()}, source, optional)
+    for name, value in sd.items():
+        params[name].set_data(ms.Tensor(np.asarray(value, np.float32)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -202,10 +218,11 @@ def check_state_dict(sd: StateDict, config: PixArtConfig, source: str = "checkpo
 # ----------------------------------------------------------------------------------------
 
 def read_source(path: str, use_ema: bool = False) -> Tuple[StateDict, dict]:
-    """Read any supported transformer source as (official-named state dict, hints for
-    ``infer_config``). Sources: official ``.pth``/``.pt`` (bare, or under ``state_dict`` /
-    ``state_dict_ema``), ``.safetensors`` (official or diffusers names), a diffusers
-    ``transformer/`` folder, or one of our MindSpore ``.ckpt`` files."""
+    """Read any supported transformer source as (official-named weights, hints for
+    ``infer_config``); the official ``pos_embed`` buffer becomes the hint ``input_size``.
+    Sources: official ``.pth``/``.pt`` (bare, or under ``state_dict`` / ``state_dict_ema``),
+    ``.safetensors`` (official or diffusers names), a diffusers ``transformer/`` folder, or one
+    of our MindSpore ``.ckpt`` files."""
     from pixart.utils import safetensors_io, torch_pickle
 
     hints: dict = {}
@@ -215,24 +232,14 @@ def read_source(path: str, use_ema: bool = False) -> Tuple[StateDict, dict]:
             raise ModelLoadError(f"{path}: a diffusers transformer folder needs config.json, not found")
         with open(cfg_path) as f:
             dcfg = json.load(f)
-        try:
-            sd = safetensors_io.load_sharded_folder(path, "diffusion_pytorch_model")
-        except safetensors_io.SafetensorsError as e:
-            raise ModelLoadError(str(e)) from None
+        sd = safetensors_io.load_sharded_folder(path, "diffusion_pytorch_model")
         hints = diffusers_config_hints(dcfg)
     elif not os.path.isfile(path):
         raise ModelLoadError(f"{path}: no such file or folder")
     elif path.endswith(".safetensors"):
-        try:
-            sd = safetensors_io.load_file(path)
-        except safetensors_io.SafetensorsError as e:
-            raise ModelLoadError(str(e)) from None
+        sd = safetensors_io.load_file(path)
     elif path.endswith((".pth", ".pt", ".bin")):
-        try:
-            obj = torch_pickle.load(path)
-        except torch_pickle.TorchCheckpointError as e:
-            raise ModelLoadError(str(e)) from None
-        sd = _unwrap_torch_checkpoint(obj, path, use_ema)
+        sd = _unwrap_torch_checkpoint(torch_pickle.load(path), path, use_ema)
     elif path.endswith(".ckpt"):
         sd, config = read_mindspore_checkpoint(path)
         hints = config.to_dict() if config else {}
@@ -241,6 +248,9 @@ def read_source(path: str, use_ema: bool = False) -> Tuple[StateDict, dict]:
                              f"diffusers transformer folder)")
     if is_diffusers_state_dict(sd):
         sd = diffusers_to_official(sd)
+    if _POS_EMBED in sd:  # official buffer (1, tokens, hidden) at the trained square size
+        patch = sd["x_embedder.proj.weight"].shape[-1] if "x_embedder.proj.weight" in sd else 1
+        hints["input_size"] = int(round(np.sqrt(sd.pop(_POS_EMBED).shape[1]))) * int(patch)
     return sd, hints
 
 
@@ -312,8 +322,9 @@ def save_mindspore_checkpoint(sd: StateDict, config: PixArtConfig, path: str, dt
     atomically: nothing appears at ``path`` unless the whole file was written."""
     import mindspore as ms
 
-    ms_dtype = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[dtype]
-    params = [{"name": k, "data": ms.Tensor(np.asarray(v, np.float32)).astype(ms_dtype)} for k, v in sd.items()]
+    from pixart.runtime import ms_dtype
+
+    params = [{"name": k, "data": ms.Tensor(np.asarray(v, np.float32)).astype(ms_dtype(dtype))} for k, v in sd.items()]
     append = {CONFIG_KEY: json.dumps(config.to_dict())}
     append.update(extra or {})
     tmp = path + ".tmp.ckpt"  # MindSpore appends .ckpt to names without it
@@ -330,10 +341,7 @@ def read_mindspore_checkpoint(path: str) -> Tuple[StateDict, Optional[PixArtConf
     """(float32 tensors, stored architecture or None) from a ``.ckpt``."""
     if not os.path.isfile(path):
         raise ModelLoadError(f"{path}: no such checkpoint")
-    try:
-        raw = read_ckpt(path)
-    except CheckpointFormatError as e:
-        raise ModelLoadError(str(e)) from None
+    raw = read_ckpt(path)
     config = PixArtConfig.from_dict(json.loads(raw[CONFIG_KEY])) if isinstance(raw.get(CONFIG_KEY), str) else None
     sd = {k: v.astype(np.float32, copy=False) for k, v in raw.items() if isinstance(v, np.ndarray)}
     return sd, config
@@ -343,17 +351,14 @@ def read_config(path: str) -> PixArtConfig:
     """The architecture of a checkpoint without loading its weights when it is one of our
     ``.ckpt`` files (other sources are read whole)."""
     if path.endswith(".ckpt") and os.path.isfile(path):
-        try:
-            raw = read_ckpt(path, select=lambda name: name == CONFIG_KEY)
-        except CheckpointFormatError as e:
-            raise ModelLoadError(str(e)) from None
+        raw = read_ckpt(path, select=lambda name: name == CONFIG_KEY)
         if isinstance(raw.get(CONFIG_KEY), str):
             return PixArtConfig.from_dict(json.loads(raw[CONFIG_KEY]))
     sd, hints = read_source(path)
-    return infer_config(sd, num_heads=hints.pop("num_heads", None) or 16, **hints)
+    return infer_config(sd, **hints)
 
 
-def load_pixart(path: str, dtype=None, **overrides):
+def load_pixart(path: str, dtype=None, kernels=None, **overrides):
     """Build the transformer a checkpoint describes and load its weights.
 
     ``path`` is anything ``read_source`` accepts (normally a converted ``.ckpt``). The
@@ -365,13 +370,8 @@ def load_pixart(path: str, dtype=None, **overrides):
 
     sd, hints = read_source(path)
     hints.update({k: v for k, v in overrides.items() if v is not None})
-    config = infer_config(sd, num_heads=hints.pop("num_heads", None) or 16, **hints)
-    for key in _DERIVED_KEYS:
-        sd.pop(key, None)
-    check_state_dict(sd, config, path)
-    model = build_model(config, dtype=dtype or ms.float32)
-    params = {name: p for name, p in model.parameters_and_names()}
-    for name, value in sd.items():
-        params[name].set_data(ms.Tensor(value))
+    config = infer_config(sd, **hints)
+    model = build_model(config, dtype=dtype or ms.float32, kernels=kernels)
+    load_weights(model, sd, path)
     model.set_train(False)
     return model, config

@@ -28,8 +28,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from pixart.utils.errors import ModelLoadError
-from pixart.utils.hf_folder import load_weights, read_config
+from pixart.errors import ModelLoadError
+from pixart.utils.hf_folder import load_folder_weights, read_folder_config
 
 _FP16_MAX = 65504.0
 _MASK_BIAS = float(np.finfo(np.float32).min)  # what transformers adds for padded keys
@@ -289,13 +289,13 @@ class T5Encoder(nn.Cell):
         Accepts a ``T5EncoderModel`` folder and also a full T5 folder (the decoder and
         ``lm_head`` are skipped). Raises ``ModelLoadError`` when the folder is unusable.
         """
-        raw = read_config(folder, "T5 text encoder")
+        raw = read_folder_config(folder, "T5 text encoder")
         try:
             config = T5Config.from_hf(raw)
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"T5 text encoder: {folder}/config.json: {e}") from None
         model = cls(config, dtype)
-        load_weights(model, folder, "model", rename=_checkpoint_name_to_param)
+        load_folder_weights(model, folder, "model", rename=_checkpoint_name_to_param)
         model.set_train(False)
         return model
 

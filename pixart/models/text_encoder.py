@@ -22,7 +22,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from pixart.models.t5 import T5Encoder
-from pixart.utils.errors import ModelLoadError
+from pixart.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

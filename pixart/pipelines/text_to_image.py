@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 
 from pixart.data.buckets import resolution_binning
 from pixart.diffusion.samplers import make_sampler
-from pixart.models.pixart import BlockStreamedForward
+from pixart.errors import InputError
+from pixart.models.pixart import BlockStreamedForward, Conditioning
+from pixart.utils.seeds import image_seeds
 
 EXECUTION_MODES = ("graph", "streamed", "pynative")
 BINNING_TABLES = {32: 256, 64: 512, 128: 1024, 256: 2048}  # trained latent size -> bucket table
@@ -90,50 +92,44 @@ class GuidedDenoiser:
 
     def __init__(self, model, mode: str = "graph"):
         if mode not in EXECUTION_MODES:
-            raise ValueError(f"mode must be one of {', '.join(EXECUTION_MODES)}, got {mode!r}")
+            raise InputError(f"mode must be one of {', '.join(EXECUTION_MODES)}, got {mode!r}")
         self.model = model
         self.forward = BlockStreamedForward(model) if mode == "streamed" else model
         self.latent_channels = model.config.in_channels
-        self.micro_condition = model.config.micro_condition
         compile_ = ms.jit if mode == "graph" else (lambda fn: fn)
         self._guided = compile_(self._guided_forward)
         self._plain = compile_(self._plain_forward)
 
-    def _guided_forward(self, x, t, y, mask, guidance, resolution, aspect_ratio):
+    def _guided_forward(self, x, t, guidance, *cond):
+        """x (B, C, H, W); cond fields for 2B rows, the unconditional half first."""
         b = x.shape[0]
         c = self.latent_channels
         x2 = ops.concat([x, x], axis=0)
         t2 = ops.broadcast_to(t.reshape(1), (2 * b,))
-        out = self.forward(x2, t2, y, mask, resolution, aspect_ratio)
-        uncond, cond = out[:b], out[b:]
-        eps = uncond[:, :c] + guidance * (cond[:, :c] - uncond[:, :c])
-        return ops.concat([eps, cond[:, c:]], axis=1)
+        out = self.forward(x2, t2, cond)
+        uncond, cond_out = out[:b], out[b:]
+        eps = uncond[:, :c] + guidance * (cond_out[:, :c] - uncond[:, :c])
+        return ops.concat([eps, cond_out[:, c:]], axis=1)
 
-    def _plain_forward(self, x, t, y, mask, resolution, aspect_ratio):
+    def _plain_forward(self, x, t, *cond):
         t1 = ops.broadcast_to(t.reshape(1), (x.shape[0],))
-        return self.forward(x, t1, y, mask, resolution, aspect_ratio)
+        return self.forward(x, t1, cond)
 
-    def __call__(self, latents: np.ndarray, t: int, cond: TextEmbeddings, uncond: Optional[TextEmbeddings],
-                 guidance_scale: float, micro: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> np.ndarray:
-        """latents (B, C, H, W); cond/uncond with B rows; micro = (resolution (B, 2), aspect ratio (B, 1))
-        for micro-conditioned models. Returns (B, out_channels, H, W) float32."""
-        guided = uncond is not None
-        res, ar = (None, None)
-        if self.micro_condition:
-            res, ar = micro
-            if guided:
-                res, ar = np.concatenate([res, res]), np.concatenate([ar, ar])
-            res, ar = Tensor(res.astype(np.float32)), Tensor(ar.astype(np.float32))
+    def conditioning(self, texts: TextEmbeddings, height: int, width: int) -> Conditioning:
+        """The transformer's conditioning for one row per text, sampling at height x width pixels."""
+        rows = len(texts)
+        return Conditioning.of(texts.embeddings, texts.mask, resolution=np.tile([[height, width]], (rows, 1)),
+                               aspect_ratio=np.full((rows, 1), height / width))
+
+    def __call__(self, latents: np.ndarray, t: int, cond: Conditioning, guidance_scale: Optional[float] = None
+                 ) -> np.ndarray:
+        """latents (B, C, h, w); cond for B rows, or for 2B rows (unconditional first) with a
+        guidance scale. Returns (B, out_channels, h, w) float32."""
         x = Tensor(latents.astype(np.float32))
         tt = Tensor(np.array(t, np.float32))
-        if guided:
-            y = Tensor(np.concatenate([uncond.embeddings, cond.embeddings]).astype(np.float32))
-            mask = Tensor(np.concatenate([uncond.mask, cond.mask]).astype(np.int32))
-            out = self._guided(x, tt, y, mask, Tensor(np.float32(guidance_scale)), res, ar)
-        else:
-            out = self._plain(x, tt, Tensor(cond.embeddings.astype(np.float32)),
-                              Tensor(cond.mask.astype(np.int32)), res, ar)
-        return out.asnumpy()
+        if guidance_scale is None:
+            return self._plain(x, tt, *cond).asnumpy()
+        return self._guided(x, tt, Tensor(np.float32(guidance_scale)), *cond).asnumpy()
 
 
 @dataclasses.dataclass
@@ -167,7 +163,7 @@ class PixArtPipeline:
             height, width = resolution_binning(height, width, BINNING_TABLES[input_size])
         unit = self.vae_factor * self.patch
         if height % unit or width % unit or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {unit} (VAE factor {self.vae_factor} x "
+            raise InputError(f"height and width must be positive multiples of {unit} (VAE factor {self.vae_factor} x "
                              f"patch {self.patch}), got {height}x{width}")
         return height, width
 
@@ -178,40 +174,34 @@ class PixArtPipeline:
         return np.stack([np.random.default_rng(s).standard_normal(shape).astype(np.float32) for s in seeds])
 
     def __call__(self, cond: TextEmbeddings, uncond: Optional[TextEmbeddings], height: int, width: int,
-                 sampling_method: str = "dpm", steps: int = 20, guidance_scale: float = 4.5,
+                 sampling_method: str = "dpm", sampling_steps: int = 20, guidance_scale: float = 4.5,
                  seeds: Optional[Sequence[int]] = None, latents: Optional[np.ndarray] = None,
                  use_resolution_binning: bool = True, progress: bool = True,
                  step_callback: Optional[Callable[[int, int], None]] = None) -> SamplingResult:
-        """Sample one image per row of ``cond``; ``uncond`` (same rows) is ignored when
-        ``guidance_scale <= 1``. Row i's initial noise (and IDDPM's step noise) comes from
-        ``seeds[i]``; ``latents`` (B, C, h, w) replaces the initial noise."""
+        """Sample one image per row of ``cond``; ``uncond`` (same rows) is used when the sampler
+        guides and ``guidance_scale > 1``. Row i's initial noise (and a stochastic sampler's step
+        noise) comes from ``seeds[i]``; ``latents`` (B, C, h, w) replaces the initial noise."""
         start = time.perf_counter()
         gen_h, gen_w = self.generation_size(height, width, use_resolution_binning)
         batch = len(cond)
-        seeds = list(seeds) if seeds is not None else [int(s) for s in np.random.SeedSequence().generate_state(batch)]
+        seeds = list(seeds) if seeds is not None else image_seeds(batch)
         if len(seeds) != batch:
-            raise ValueError(f"{len(seeds)} seeds for {batch} images")
-        if latents is None:
-            latents = self.initial_latents(seeds, gen_h, gen_w)
-        else:
-            want = (batch, self.transformer.config.in_channels, gen_h // self.vae_factor, gen_w // self.vae_factor)
-            if tuple(latents.shape) != want:
-                raise ValueError(f"initial latents must have shape {want} for {batch} image(s) at {gen_h}x{gen_w}, "
-                                 f"got {tuple(latents.shape)}")
-            latents = latents.astype(np.float32)
+            raise InputError(f"{len(seeds)} seeds for {batch} images")
+        latents = self._initial_latents(latents, seeds, gen_h, gen_w)
         step_noise = [np.random.default_rng([s, 1]) for s in seeds]  # a stream apart from the initial noise
-        sampler = make_sampler(sampling_method, steps,
+        sampler = make_sampler(sampling_method, sampling_steps,
                                noise=lambda shape: np.stack([g.standard_normal(shape[1:]) for g in step_noise]))
         latents = latents * np.float32(sampler.init_noise_sigma)
-        guided = guidance_scale > 1.0 and uncond is not None
-        micro = (np.tile([[gen_h, gen_w]], (batch, 1)).astype(np.float32),
-                 np.full((batch, 1), gen_h / gen_w, np.float32))
+        guided = sampler.classifier_free_guidance and guidance_scale > 1.0 and uncond is not None
+        texts = TextEmbeddings(np.concatenate([uncond.embeddings, cond.embeddings]),
+                               np.concatenate([uncond.mask, cond.mask])) if guided else cond
+        conditioning = self.denoiser.conditioning(texts, gen_h, gen_w)
         channels = sampler.model_channels(self.transformer.config.in_channels)
         step_times = []
         for i, t in enumerate(tqdm(sampler.timesteps, desc=f"{sampling_method} {gen_h}x{gen_w}", disable=not progress,
                                    leave=False)):
             t0 = time.perf_counter()
-            out = self.denoiser(latents, int(t), cond, uncond if guided else None, guidance_scale, micro)
+            out = self.denoiser(latents, int(t), conditioning, guidance_scale if guided else None)
             latents = sampler.step(out[:, :channels], i, latents)
             step_times.append(time.perf_counter() - t0)
             if step_callback is not None:
@@ -221,6 +211,16 @@ class PixArtPipeline:
         # the first step includes compilation; report the steady rate when there is one
         per_step = float(np.median(step_times[1:])) if len(step_times) > 1 else step_times[0]
         return SamplingResult(to_uint8(images), (gen_h, gen_w), per_step, time.perf_counter() - start)
+
+    def _initial_latents(self, latents: Optional[np.ndarray], seeds: Sequence[int], height: int, width: int):
+        """The given initial latents, checked, or noise drawn from the seeds."""
+        if latents is None:
+            return self.initial_latents(seeds, height, width)
+        want = (len(seeds), self.transformer.config.in_channels, height // self.vae_factor, width // self.vae_factor)
+        if tuple(latents.shape) != want:
+            raise InputError(f"initial latents must have shape {want} for {len(seeds)} image(s) at {height}x{width}, "
+                             f"got {tuple(latents.shape)}")
+        return latents.astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(B, C, h, w) sampler latents -> (B, 3, H, W) float32 images in about [-1, 1].

@@ -15,9 +15,10 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from pixart.diffusion.losses import IDDPMLoss
-from pixart.training.optim import EMA, clip_grad_norm, make_optimizer
+from pixart.models.pixart import Conditioning
+from pixart.training.optim import EMA, clip_grad_norm
 
-INPUT_ORDER = ("x0", "y", "mask", "t", "noise", "drop", "resolution", "aspect_ratio")
+INPUT_ORDER = ("x0", "t", "noise") + Conditioning._fields  # a batch's arrays, as the compiled step takes them
 
 _add_into = ops.MultitypeFuncGraph("add_into")
 _mean_and_clear = ops.MultitypeFuncGraph("mean_and_clear")
@@ -35,55 +36,61 @@ def _mean_and_clear_one(count, buffer, grad):
     return ops.depend(total, ops.assign(buffer, ops.zeros_like(buffer)))
 
 
-def _optimizer_kwargs(args) -> dict:
-    kwargs = dict(lr=args.lr, weight_decay=args.weight_decay)
-    if args.betas:
-        kwargs["betas"] = tuple(args.betas)
-    if args.eps:
-        kwargs["eps"] = tuple(args.eps) if len(args.eps) > 1 else args.eps[0]
-    return kwargs
-
-
 class TrainStep:
-    def __init__(self, model, args, world: int = 1):
+    """One optimizer step over the parameters ``optimizer`` trains; every other parameter of
+    ``model`` stays frozen (a LoRA or control branch trains a subset of a frozen base).
+
+    Args:
+        model: the transformer, called as ``model(x_t, t, conditioning)``.
+        optimizer: a ``pixart.training.optim`` optimizer over the trained parameters.
+        ema_decay: EMA of the trained parameters (0: none).
+        grad_clip: max global gradient norm (0: no clipping).
+        grad_accumulation: micro-batches per update (``accumulate`` runs the others).
+        loss_scale: initial dynamic loss scale for fp16 (None: no loss scaling).
+        world: data-parallel ranks whose gradients are averaged.
+        compiled: compile each step with ``ms.jit`` (False: eager, for debugging).
+    """
+
+    def __init__(self, model, optimizer, ema_decay: float = 0.0, grad_clip: float = 0.0,
+                 grad_accumulation: int = 1, loss_scale: Optional[float] = None, world: int = 1,
+                 compiled: bool = True):
         self.model = model
         self.loss_fn = IDDPMLoss()
-        self.params = model.trainable_params()  # y_embedding is a frozen buffer, as officially
-        self.optimizer = make_optimizer(args.optimizer, self.params, **_optimizer_kwargs(args))
-        self.ema = EMA(self.params, args.ema_decay) if args.ema_decay > 0 else None
-        self.grad_clip = float(args.grad_clip) if args.grad_clip > 0 else float("inf")
-        self.accumulation = int(args.grad_accumulation)
+        self.optimizer = optimizer
+        self.params = list(optimizer.params)
+        self.ema = EMA(self.params, ema_decay) if ema_decay > 0 else None
+        self.grad_clip = float(grad_clip) if grad_clip > 0 else float("inf")
+        self.accumulation = int(grad_accumulation)
         if self.accumulation > 1:
             self.accum = ms.ParameterTuple(
                 [Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"accum.{p.name}", requires_grad=False)
                  for p in self.params])
         self.reducer = nn.DistributedGradReducer(self.params, mean=True, degree=world) if world > 1 else None
         self.loss_scaler = None
-        if args.dtype == "fp16":
-            self.loss_scaler = ms.amp.DynamicLossScaler(scale_value=args.loss_scale, scale_factor=2, scale_window=2000)
+        if loss_scale is not None:
+            self.loss_scaler = ms.amp.DynamicLossScaler(scale_value=loss_scale, scale_factor=2, scale_window=2000)
         self.grad_fn = ms.value_and_grad(self._scaled_loss, None, self.params, has_aux=True)
         self.hyper_map = ops.HyperMap()
-        graph = args.mode == "graph"
-        self._update = ms.jit(self._update_graph) if graph else self._update_graph
-        self._accumulate = ms.jit(self._accumulate_graph) if graph else self._accumulate_graph
+        self._update = ms.jit(self._update_graph) if compiled else self._update_graph
+        self._accumulate = ms.jit(self._accumulate_graph) if compiled else self._accumulate_graph
         model.set_train(True)
 
     # ---------------------------------------------------------------- graph bodies
-    def _scaled_loss(self, x0, y, mask, t, noise, drop, resolution, aspect_ratio):
+    def _scaled_loss(self, x0, t, noise, *cond):
         x_t = self.loss_fn.q_sample(x0, t, noise)
-        out = self.model(x_t, t, y, mask, resolution, aspect_ratio, drop)
+        out = self.model(x_t, t, cond)
         loss, mse, vb = self.loss_fn(x0, t, noise, out)
         loss, mse, vb = loss.mean(), mse.mean(), vb.mean()
         scaled = loss if self.loss_scaler is None else self.loss_scaler.scale(loss)
         return scaled, loss, mse, vb
 
-    def _accumulate_graph(self, x0, y, mask, t, noise, drop, resolution, aspect_ratio):
-        (_, loss, mse, vb), grads = self.grad_fn(x0, y, mask, t, noise, drop, resolution, aspect_ratio)
+    def _accumulate_graph(self, *batch):
+        (_, loss, mse, vb), grads = self.grad_fn(*batch)
         loss = ops.depend(loss, self.hyper_map(_add_into, self.accum, grads))
         return loss, mse, vb
 
-    def _update_graph(self, x0, y, mask, t, noise, drop, resolution, aspect_ratio, lr):
-        (_, loss, mse, vb), grads = self.grad_fn(x0, y, mask, t, noise, drop, resolution, aspect_ratio)
+    def _update_graph(self, lr, *batch):
+        (_, loss, mse, vb), grads = self.grad_fn(*batch)
         if self.accumulation > 1:
             grads = self.hyper_map(ops.partial(_mean_and_clear, float(self.accumulation)), self.accum, grads)
         if self.reducer is not None:
@@ -104,7 +111,7 @@ class TrainStep:
     # ---------------------------------------------------------------- host side
     @staticmethod
     def _tensors(inputs: Dict[str, np.ndarray]):
-        return [Tensor(inputs[k]) for k in INPUT_ORDER]
+        return [None if inputs.get(k) is None else Tensor(inputs[k]) for k in INPUT_ORDER]
 
     def accumulate(self, inputs: Dict[str, np.ndarray]) -> Dict[str, float]:
         loss, mse, vb = self._accumulate(*self._tensors(inputs))
@@ -112,7 +119,7 @@ class TrainStep:
                 "grad_norm": float("nan"), "loss_scale": self.loss_scale}
 
     def update(self, inputs: Dict[str, np.ndarray], lr: float) -> Dict[str, float]:
-        loss, mse, vb, norm = self._update(*self._tensors(inputs), Tensor(np.float32(lr)))
+        loss, mse, vb, norm = self._update(Tensor(np.float32(lr)), *self._tensors(inputs))
         return {"loss": float(loss.asnumpy()), "mse": float(mse.asnumpy()), "vb": float(vb.asnumpy()),
                 "grad_norm": float(norm.asnumpy()), "loss_scale": self.loss_scale}
 
@@ -124,14 +131,16 @@ class TrainStep:
         if self.ema is not None:
             self.ema.reset()
 
-    def ema_weights(self) -> Optional[Dict[str, np.ndarray]]:
-        """The model's weights with the trainable ones replaced by their EMA (None without EMA)."""
+    def ema_weights(self, weights: Dict[str, np.ndarray]) -> Optional[Dict[str, np.ndarray]]:
+        """``weights`` (name -> array) with the trained parameters among them replaced by their
+        EMA (None without EMA)."""
         if self.ema is None:
             return None
-        weights = {name: p.asnumpy() for name, p in self.model.parameters_and_names()}
+        averaged = dict(weights)
         for param, avg in zip(self.params, self.ema.averages):
-            weights[param.name] = avg.asnumpy()
-        return weights
+            if param.name in averaged:
+                averaged[param.name] = avg.asnumpy()
+        return averaged
 
     def optimizer_state(self) -> Dict[str, np.ndarray]:
         return {p.name: p.asnumpy() for p in self.optimizer.state_parameters()}

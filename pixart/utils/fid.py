@@ -2,7 +2,7 @@
 
     FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))
 
-For FID the features are Inception-v3 pool activations; ``tools/evaluate_digits.py`` uses
+For FID the features are Inception-v3 pool activations; ``tools/digits/evaluate.py`` uses
 the digit classifier's penultimate layer. The trace of the matrix square root is taken as
 the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), which has the
 same spectrum as S1 S2 but is symmetric, so it needs no complex arithmetic and no

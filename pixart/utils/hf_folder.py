@@ -15,12 +15,12 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from pixart.utils.errors import ModelLoadError
+from pixart.errors import ModelLoadError
 from pixart.utils.mindspore_ckpt import NUMPY_DTYPES
 from pixart.utils.safetensors_io import SafetensorsError, iter_sharded_folder
 
 
-def read_config(folder: str, what: str) -> dict:
+def read_folder_config(folder: str, what: str) -> dict:
     """Return ``folder/config.json`` as a dict; ``what`` names the model in error messages."""
     if not os.path.isdir(folder):
         raise ModelLoadError(f"{what}: folder {folder!r} does not exist")
@@ -38,7 +38,7 @@ def read_config(folder: str, what: str) -> dict:
     return config
 
 
-def load_weights(cell: nn.Cell, folder: str, weights_name: str,
+def load_folder_weights(cell: nn.Cell, folder: str, weights_name: str,
                  rename: Optional[Callable[[str], Optional[str]]] = None) -> None:
     """Copy every tensor of the folder's weights into the parameter of the same name.
 

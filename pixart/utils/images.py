@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -19,6 +19,18 @@ def next_index(folder: str) -> int:
     """One past the highest ``NNNNN-`` prefix in ``folder``, so earlier outputs are never overwritten."""
     used = [int(m.group(1)) for name in os.listdir(folder) if (m := re.match(r"(\d{5})-", name))]
     return max(used, default=-1) + 1
+
+
+def generation_metadata(prompt: str, negative_prompt: str, seed: int, sampling_method: str, sampling_steps: int,
+                        guidance_scale: float, checkpoint: str, size: Tuple[int, int],
+                        generated_size: Tuple[int, int]) -> Dict[str, str]:
+    """What a generated PNG records so that it can be made again: the settings under their
+    command-line names, the checkpoint's file name, the asked size and the size sampled at
+    (the resolution bucket), both as "HxW"."""
+    return {"prompt": prompt, "negative_prompt": negative_prompt, "seed": str(seed),
+            "sampling_method": sampling_method, "sampling_steps": str(sampling_steps),
+            "guidance_scale": str(guidance_scale), "checkpoint": os.path.basename(checkpoint),
+            "size": f"{size[0]}x{size[1]}", "generated_size": f"{generated_size[0]}x{generated_size[1]}"}
 
 
 def save_png(image: np.ndarray, folder: str, stem: str, metadata: Dict[str, str]) -> str:
@@ -50,8 +62,3 @@ def make_grid(images: Sequence[np.ndarray], columns: int = 0) -> np.ndarray:
         r, col = divmod(i, columns)
         grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
     return grid
-
-
-def read_png_metadata(path: str) -> Dict[str, str]:
-    with Image.open(path) as im:
-        return dict(im.text)

@@ -21,6 +21,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from pixart.utils.safetensors_io import bfloat16_to_float32
+from pixart.errors import CheckpointFormatError
 
 # keyed by MindSpore's dtype names (str(ms.float32) == "Float32"), as .ckpt files store them
 NUMPY_DTYPES = {
@@ -30,10 +31,6 @@ NUMPY_DTYPES = {
 }
 _LENGTH_DELIMITED = 2
 _VARINT = 0
-
-
-class CheckpointFormatError(ValueError):
-    """A ``.ckpt`` that is missing, truncated, encrypted or not in MindSpore's format."""
 
 
 def _varint(buf, pos: int, end: int) -> Tuple[int, int]:

@@ -15,6 +15,8 @@ from typing import Dict, Iterable, Iterator, Optional
 
 import numpy as np
 
+from pixart.errors import SafetensorsError
+
 _NUMPY_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
@@ -26,10 +28,6 @@ _SAFETENSORS_DTYPES = {np.dtype(v).name: k for k, v in _NUMPY_DTYPES.items()}
 def bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
     """Little-endian bf16 bytes (uint8 array) -> float32, exactly: bf16 is a float32's high half."""
     return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-
-
-class SafetensorsError(ValueError):
-    """A `.safetensors` file that is missing, truncated or not in the format."""
 
 
 def read_header(path: str) -> Dict[str, dict]:

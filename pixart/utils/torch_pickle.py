@@ -16,15 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from pixart.errors import TorchCheckpointError
+
 _STORAGE_DTYPES = {
     "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
     "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32,
     "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
 }
-
-
-class TorchCheckpointError(ValueError):
-    """A file that is not a readable PyTorch zip checkpoint."""
 
 
 class _StorageType:

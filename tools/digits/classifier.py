@@ -1,8 +1,8 @@
 """A small MNIST-digit CNN: the judge of the miniature model's samples.
 
-Trained on the held-out real digits of ``tools/prepare_digits.py`` (which the generator
+Trained on the held-out real digits of ``tools/digits/prepare.py`` (which the generator
 never saw) with random small rotations, scalings and shifts, it gives
-``tools/evaluate_digits.py`` two things: the digit a generated image shows (prompt
+``tools/digits/evaluate.py`` two things: the digit a generated image shows (prompt
 adherence) and a 128-d penultimate feature vector per image (the space of the Fréchet
 distance, as Inception's pool features are for FID).
 
@@ -28,8 +28,8 @@ from mindspore.common.initializer import initializer
 from PIL import Image
 from tqdm import tqdm
 
-from pixart.utils.errors import ModelLoadError
-from pixart.utils.hf_folder import load_weights, read_config
+from pixart.errors import ModelLoadError
+from pixart.utils.hf_folder import load_folder_weights, read_folder_config
 from pixart.utils.safetensors_io import save_file
 
 SIDE = 32
@@ -175,11 +175,11 @@ def save_classifier(model: DigitClassifier, folder: str, **info) -> None:
 
 
 def load_classifier(folder: str) -> DigitClassifier:
-    config = read_config(folder, "digit classifier")
+    config = read_folder_config(folder, "digit classifier")
     try:
         model = DigitClassifier(int(config["width"]), int(config["feature_dim"]))
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"digit classifier: {folder}/config.json needs integer width and feature_dim ({e})")
-    load_weights(model, folder, "model")
+    load_folder_weights(model, folder, "model")
     model.set_train(False)
     return model

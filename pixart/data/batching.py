@@ -1,10 +1,10 @@
 """Bucketed batch sampling that is identical for any split of a global batch over ranks.
 
-Every batch must hold images of one bucket (one tensor shape). The sampler decides
+Every batch must hold images of one bucket (one tensor shape). The batcher decides
 *global* batches of ``batch_size * world_size`` indices, each from a single bucket, and
 rank ``r`` takes slice ``r`` of every global batch. Consequences:
 
-* every rank runs exactly ``len(sampler)`` steps per epoch, so no rank waits forever in
+* every rank runs exactly ``len(batcher)`` steps per epoch, so no rank waits forever in
   a collective at the end of an epoch;
 * the ranks' shards are disjoint, and the union of the ranks' step-k batches is the
   step-k batch of a single process with the same global batch size, so a 2-rank run and
@@ -15,7 +15,7 @@ rank ``r`` takes slice ``r`` of every global batch. Consequences:
 
 Shuffling depends only on (seed, epoch), so an epoch's order can be rebuilt anywhere:
 resume with ``batches(epoch, start_step)``, taking the position from the number of
-optimizer steps done (:meth:`BucketBatchSampler.position`).
+optimizer steps done (:meth:`BucketBatcher.position`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
-class BucketBatchSampler:
+class BucketBatcher:
     """Per-rank batches of dataset indices, each batch from one bucket.
 
     Args:
@@ -75,12 +75,12 @@ class BucketBatchSampler:
     def _report(self) -> None:
         g = self.global_batch_size
         if not self.num_dropped:
-            logger.info("bucket sampler: %d samples in %d buckets, %d steps per epoch, none dropped",
+            logger.info("bucket batcher: %d samples in %d buckets, %d steps per epoch, none dropped",
                         self.num_samples, len(self._buckets), self.steps_per_epoch)
             return
         detail = ", ".join(f"{k}: {d} of {len(self._buckets[k])}" for k, d in self.dropped_per_bucket.items())
         logger.warning(
-            "bucket sampler: %d of %d samples are dropped each epoch because their bucket does not "
+            "bucket batcher: %d of %d samples are dropped each epoch because their bucket does not "
             "fill a last global batch of %d (%s); %s. %d steps per epoch.",
             self.num_dropped, self.num_samples, g, detail,
             "a different subset each epoch" if self.shuffle else "always the same ones (shuffle is off)",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the miniature model's tokenizer and its small frozen T5 encoder.
 
-    python tools/build_digits_text_encoder.py                 # -> models/pixart-digits/{tokenizer,text_encoder}
+    python -m tools.digits.build_text_encoder                 # -> models/pixart-digits/{tokenizer,text_encoder}
 
 The full-size model reads prompts through a SentencePiece tokenizer and T5-XXL. The
 miniature one goes through the same loaders (``load_tokenizer``, ``T5Encoder``) with:
@@ -9,7 +9,7 @@ miniature one goes through the same loaders (``load_tokenizer``, ``T5Encoder``) 
 * ``tokenizer/``: a word-level tokenizer (``tokenizers`` WordLevel model, lowercase,
   split on whitespace and punctuation) whose vocabulary is ``<pad>`` (0), ``</s>`` (1),
   ``<unk>`` (2), the numerals 0-9, the number words and every word of the digit captions
-  (``pixart.data.digits``). Like T5's, it appends ``</s>``; any other word becomes
+  (``tools.digits.data``). Like T5's, it appends ``</s>``; any other word becomes
   ``<unk>``. Saved as tokenizer.json, tokenizer_config.json and special_tokens_map.json,
   which ``transformers.AutoTokenizer`` loads as a ``PreTrainedTokenizerFast``.
 * ``text_encoder/``: a T5 v1.1-style encoder (gated-GELU, RMS norms, relative position
@@ -24,12 +24,10 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from pixart.data.digits import NUMBER_WORDS, all_captions  # noqa: E402
-from pixart.utils.safetensors_io import save_file  # noqa: E402
+from tools.digits.data import NUMBER_WORDS, all_captions
+from pixart.utils.safetensors_io import save_file
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2: T5's pad, eos and unk ids
 PAD_ID, EOS_ID = 0, 1

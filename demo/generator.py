@@ -1,7 +1,7 @@
 """The web demo's model side: models loaded once, a request checked, images generated and saved.
 
 Kept apart from ``gradio_demo.py`` (the page) so that it has no gradio in it and can be tested
-and reused alone. One ``DemoGenerator`` owns one set of models; a lock makes sure they run one
+alone. One ``DemoGenerator`` owns one set of models; a lock makes sure they run one
 request at a time whatever the web server's threading, because a MindSpore cell (and its compiled
 graph) is not meant to be called from two threads at once.
 """
@@ -16,18 +16,15 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from pixart.data.buckets import bucket_table
+from pixart.diffusion.samplers import SAMPLERS
+from pixart.errors import InputError, RequestError
 from pixart.models.text_encoder import encode_prompts, normalize_prompt
 from pixart.pipelines.text_to_image import PixArtPipeline, TextEmbeddings
-from pixart.utils.images import save_png, slug
+from pixart.utils.images import generation_metadata, save_png, slug
+from pixart.utils.seeds import MAX_SEED, image_seeds
 
-SAMPLERS = ("dpm", "ddim", "iddpm")
 MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
-MAX_SEED = 2**31 - 1
-
-
-class RequestError(ValueError):
-    """A request the page answers with this message instead of images (bad prompt, size, ...)."""
 
 
 @dataclasses.dataclass
@@ -35,7 +32,7 @@ class Request:
     prompt: str
     negative_prompt: str = ""
     sampling_method: str = "dpm"
-    steps: int = 20
+    sampling_steps: int = 20
     guidance_scale: float = 4.5
     seed: Optional[int] = None      # None: draw a random one (reported back)
     height: int = 1024
@@ -57,10 +54,6 @@ class SizeLimits:
     minimum: int
     maximum: int
     step: int
-
-
-def random_seed() -> int:
-    return int(np.random.SeedSequence().generate_state(1)[0] % (MAX_SEED + 1))
 
 
 class DemoGenerator:
@@ -107,8 +100,8 @@ class DemoGenerator:
             raise RequestError("The prompt is empty: describe the image you want.")
         if request.sampling_method not in SAMPLERS:
             raise RequestError(f"Unknown sampler {request.sampling_method!r}; choose one of {', '.join(SAMPLERS)}.")
-        if not _is_int(request.steps) or not 1 <= request.steps <= MAX_STEPS:
-            raise RequestError(f"Steps must be a whole number from 1 to {MAX_STEPS}, got {request.steps}.")
+        if not _is_int(request.sampling_steps) or not 1 <= request.sampling_steps <= MAX_STEPS:
+            raise RequestError(f"Steps must be a whole number from 1 to {MAX_STEPS}, got {request.sampling_steps}.")
         if not _is_number(request.guidance_scale) or not 0 <= request.guidance_scale <= MAX_GUIDANCE:
             raise RequestError(f"Guidance scale must be between 0 and {MAX_GUIDANCE:g}, got {request.guidance_scale}.")
         if request.seed is not None and (not _is_int(request.seed) or not 0 <= request.seed <= MAX_SEED):
@@ -127,10 +120,10 @@ class DemoGenerator:
         Raises RequestError for a bad request; the same request with the same seed gives the same images."""
         self.check(request)
         report = on_progress or (lambda fraction, what: None)
-        seed = request.seed if request.seed is not None else random_seed()
         n = request.num_images
-        seeds = [seed + k for k in range(n)]  # as sample.py: image k can be regenerated alone from seed + k
-        steps_label = f"{request.sampling_method}, {request.steps} steps"
+        seeds = image_seeds(n, request.seed)  # as sample.py: image k can be regenerated alone from seed + k
+        seed = seeds[0]
+        steps_label = f"{request.sampling_method}, {request.sampling_steps} steps"
         with self._lock:
             report(0.0, "encoding the prompt")
             texts = [normalize_prompt(request.prompt), normalize_prompt(request.negative_prompt)]  # as sample.py
@@ -138,20 +131,19 @@ class DemoGenerator:
             cond, uncond = TextEmbeddings(emb[:1], mask[:1]).repeat(n), TextEmbeddings(emb[1:], mask[1:]).repeat(n)
             try:
                 result = self.pipeline(cond, uncond, request.height, request.width,
-                                       sampling_method=request.sampling_method, steps=request.steps,
+                                       sampling_method=request.sampling_method,
+                                       sampling_steps=request.sampling_steps,
                                        guidance_scale=request.guidance_scale, seeds=seeds,
                                        use_resolution_binning=self.use_resolution_binning, progress=False,
                                        step_callback=lambda i, total: report(i / total, f"denoising ({steps_label})"))
-            except ValueError as e:  # the pipeline's own checks, e.g. a size the model cannot sample
+            except InputError as e:  # the pipeline's own checks, e.g. a size the model cannot sample
                 raise RequestError(str(e)) from None
         gen_h, gen_w = result.generated_size
         paths = []
         for image, image_seed in zip(result.images, seeds):
-            # the same metadata keys as sample.py, so a PNG from either says how to regenerate it
-            meta = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": image_seed,
-                    "sampler": request.sampling_method, "steps": request.steps,
-                    "guidance_scale": request.guidance_scale, "checkpoint": self.checkpoint_name,
-                    "size": f"{request.height}x{request.width}", "generated_size": f"{gen_h}x{gen_w}"}
+            meta = generation_metadata(request.prompt, request.negative_prompt, image_seed, request.sampling_method,
+                                       request.sampling_steps, request.guidance_scale, self.checkpoint_name,
+                                       (request.height, request.width), (gen_h, gen_w))
             paths.append(save_png(image, self.output_path, slug(request.prompt), meta))
         binned = "" if (gen_h, gen_w) == (request.height, request.width) else " (nearest trained aspect ratio)"
         seeds_text = f"seed {seed}" if n == 1 else f"seeds {seed}..{seed + n - 1}"

