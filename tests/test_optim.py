@@ -123,6 +123,31 @@ def test_lr_is_a_graph_input():
     assert _max_rel_diff([p.asnumpy() for p in params], [p.detach().numpy() for p in torch_params]) <= 1e-6
 
 
+def test_tiny_hyper_parameters_compile_exactly():
+    """Issue 13 item 11.  MindSpore compares two float scalar constants of a graph with an
+    absolute tolerance of 2.2e-16 but hashes them exactly, so with hyper-parameters as Python
+    floats CAME's eps (1e-30, 1e-16) and a weight decay of 0.0 could be taken for one another
+    in some compiles: an internal compile error ("Fail to get eval result ... 1e-16") or, silently,
+    ``x + 1e-16`` compiled as ``x + 1e-30``.  Measured with floats: 11-14 of 100 compiles of this
+    graph went wrong; hyper-parameters are 0-d Tensors now, which compile exactly."""
+    params = _ms_params(_problem(steps=0)[0])
+    came = CAME(params, lr=LR).hparams  # eps (1e-30, 1e-16), weight_decay 0.0
+    eps1, eps2, came_decay = came[6], came[7], came[9]
+    adamw = AdamW(params, lr=LR, eps=1e-16, weight_decay=0.0).hparams
+    eps, adamw_decay = adamw[3], adamw[4]
+    values = [eps1, eps2, came_decay, eps, adamw_decay]
+    assert [np.float32(float(v)) for v in values] == [np.float32(v) for v in (1e-30, 1e-16, 0.0, 1e-16, 0.0)]
+    for i in range(100):  # each compile draws new hash-table layouts
+        @ms.jit
+        def add_each(x):
+            return x + eps1, x + eps2, x + came_decay, x + eps, x + adamw_decay
+
+        outputs = add_each(Tensor(np.zeros((2, i + 1), np.float32)))
+        for out, value in zip(outputs, values):
+            np.testing.assert_array_equal(out.asnumpy(), np.full((2, i + 1), float(value), np.float32),
+                                          err_msg=f"compile {i}")
+
+
 def test_make_optimizer_and_bad_input():
     params = _ms_params(_problem(steps=0)[0])
     assert isinstance(make_optimizer("came", params, lr=2e-5), CAME)

@@ -79,6 +79,22 @@ def _state(name: str, value: np.ndarray) -> Parameter:
     return Parameter(Tensor(value), name=name, requires_grad=False)
 
 
+def _graph_scalars(values: Iterable[float], dtype=ms.float32) -> Tuple[Tensor, ...]:
+    """Hyper-parameters as 0-d Tensors, the form in which they enter a compiled step.
+
+    Not as Python floats: graph mode makes each a scalar constant (``FP32Imm``) that becomes part
+    of the keys of the compiler's analysis caches, and MindSpore (2.x, ``ir/scalar.cc``) compares
+    two ``FP32Imm`` with an absolute tolerance, ``fabs(a - b) < DBL_EPSILON`` (2.2e-16), while it
+    hashes them exactly.  So CAME's eps (1e-30, 1e-16) and a 0.0 all count as equal, with
+    different hashes: whether a lookup for ``x + 1e-16`` lands on the entry of ``x + 1e-30``
+    depends on the hash-table layout of the run.  When it does, the compile fails ("Fail to get
+    eval result with conf ... add ... 1e-16") or, silently, ``x + 1e-16`` is compiled as
+    ``x + 1e-30`` (about 8% of compiles of ``lambda x: (x + 1e-30, x + 1e-16)``).  A 0-d Tensor
+    holds the same rounded value and is never compared that way.
+    """
+    return tuple(Tensor(float(v), dtype) for v in values)
+
+
 def _load_named(targets: Sequence[Parameter], param_dict: Dict[str, Tensor], owner: str) -> None:
     """Copy ``param_dict[p.name]`` into each target after checking that every one is present
     and shaped alike: a partial restore would silently mix two training runs."""
@@ -142,7 +158,7 @@ def _rms(x: Tensor) -> Tensor:
     return ops.sqrt(ops.mean(x * x))
 
 
-def _ema_of(avg: Tensor, new: Tensor, beta: float, one_minus_beta: float) -> Tensor:
+def _ema_of(avg: Tensor, new: Tensor, beta: Tensor, one_minus_beta: Tensor) -> Tensor:
     # 1 - beta arrives precomputed in float64: graph mode would fold it in float32, and
     # 1 - float32(0.999) is off by 1.3e-5 relative.
     return avg * beta + new * one_minus_beta
@@ -155,10 +171,10 @@ def _factored_rsqrt(row: Tensor, col: Tensor) -> Tensor:
     return ops.expand_dims(r_factor, -1) * ops.expand_dims(ops.rsqrt(col), -2)
 
 
-def _stepped(param: Tensor, update: Tensor, lr: Tensor, weight_decay: float) -> Tensor:
-    """``param`` after decoupled weight decay, then ``param -= lr * update``, rounded as the
-    reference's two in-place updates."""
-    if weight_decay != 0.0:
+def _stepped(param: Tensor, update: Tensor, lr: Tensor, weight_decay: Tensor, decays: bool) -> Tensor:
+    """``param`` after decoupled weight decay (when ``decays``), then ``param -= lr * update``,
+    rounded as the reference's two in-place updates."""
+    if decays:
         param = param - param * (lr * weight_decay)
     return param - update * lr
 
@@ -173,7 +189,7 @@ _came_vector = ops.MultitypeFuncGraph("came_vector")
 def _came_factored_step(hparams, lr, param, grad, exp_avg, sq_row, sq_col, res_row, res_col):
     """CAME for ndim >= 2: second moment and instability kept as row/column means over the
     last two dims."""
-    beta1, rest1, beta2, rest2, beta3, rest3, eps1, eps2, clip_threshold, weight_decay = hparams
+    beta1, rest1, beta2, rest2, beta3, rest3, eps1, eps2, clip_threshold, weight_decay, decays = hparams
     sq = grad * grad + eps1
     new_sq_row = _ema_of(sq_row, ops.mean(sq, -1), beta2, rest2)
     new_sq_col = _ema_of(sq_col, ops.mean(sq, -2), beta2, rest2)
@@ -184,7 +200,8 @@ def _came_factored_step(hparams, lr, param, grad, exp_avg, sq_row, sq_col, res_r
     res = ops.square(update - new_exp_avg) + eps2
     new_res_row = _ema_of(res_row, ops.mean(res, -1), beta3, rest3)
     new_res_col = _ema_of(res_col, ops.mean(res, -2), beta3, rest3)
-    new_param = _stepped(param, _factored_rsqrt(new_res_row, new_res_col) * new_exp_avg, lr, weight_decay)
+    new_param = _stepped(param, _factored_rsqrt(new_res_row, new_res_col) * new_exp_avg, lr, weight_decay,
+                         decays)
     return (ops.assign(sq_row, new_sq_row), ops.assign(sq_col, new_sq_col), ops.assign(exp_avg, new_exp_avg),
             ops.assign(res_row, new_res_row), ops.assign(res_col, new_res_col), ops.assign(param, new_param))
 
@@ -193,12 +210,12 @@ def _came_factored_step(hparams, lr, param, grad, exp_avg, sq_row, sq_col, res_r
 def _came_vector_step(hparams, lr, param, grad, exp_avg, exp_avg_sq):
     """CAME for 1-D tensors: a full second moment and no confidence term (the reference steps
     along the clipped momentum itself)."""
-    beta1, rest1, beta2, rest2, _, _, eps1, _, clip_threshold, weight_decay = hparams
+    beta1, rest1, beta2, rest2, _, _, eps1, _, clip_threshold, weight_decay, decays = hparams
     new_exp_avg_sq = _ema_of(exp_avg_sq, grad * grad + eps1, beta2, rest2)
     update = ops.rsqrt(new_exp_avg_sq) * grad
     update = update / ops.maximum(_rms(update) / clip_threshold, 1.0)
     new_exp_avg = _ema_of(exp_avg, update, beta1, rest1)
-    new_param = _stepped(param, new_exp_avg, lr, weight_decay)
+    new_param = _stepped(param, new_exp_avg, lr, weight_decay, decays)
     return ops.assign(exp_avg_sq, new_exp_avg_sq), ops.assign(exp_avg, new_exp_avg), ops.assign(param, new_param)
 
 
@@ -231,7 +248,9 @@ class CAME(_Optimizer):
         if len(eps) != 2:
             raise ValueError(f"CAME needs two eps values, got {eps}")
         decays = tuple(x for b in betas for x in (float(b), 1.0 - float(b)))
-        self.hparams = (*decays, *(float(e) for e in eps), float(clip_threshold), self.weight_decay)
+        # Tensors, not floats (see _graph_scalars); the last entry picks the weight-decay branch.
+        self.hparams = (*_graph_scalars((*decays, *eps, clip_threshold, self.weight_decay)),
+                        self.weight_decay != 0.0)
 
         # Two HyperMaps, one per state layout; grads are split by these constant indices.
         self._matrix_idx = tuple(i for i, p in enumerate(self.params) if p.ndim >= 2)
@@ -269,8 +288,8 @@ _adamw = ops.MultitypeFuncGraph("adamw")
 
 @_adamw.register("Tuple", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
 def _adamw_step(hparams, lr, bias_correction1, bias_correction2_sqrt, param, grad, exp_avg, exp_avg_sq):
-    rest1, beta2, rest2, eps, weight_decay = hparams
-    new_param = param * (1.0 - lr * weight_decay) if weight_decay != 0.0 else param
+    rest1, beta2, rest2, eps, weight_decay, decays = hparams
+    new_param = param * (1.0 - lr * weight_decay) if decays else param
     new_exp_avg = exp_avg + (grad - exp_avg) * rest1  # torch's lerp, same rounding
     new_exp_avg_sq = exp_avg_sq * beta2 + grad * grad * rest2
     denom = ops.sqrt(new_exp_avg_sq) / bias_correction2_sqrt + eps
@@ -298,16 +317,20 @@ class AdamW(_Optimizer):
             raise ValueError(f"AdamW needs two betas in [0, 1), got {betas}")
         self.betas = tuple(float(b) for b in betas)
         beta1, beta2 = self.betas
-        self.hparams = (1.0 - beta1, beta2, 1.0 - beta2, float(eps), self.weight_decay)
+        # Tensors, not floats (see _graph_scalars); the last entry picks the weight-decay branch.
+        self.hparams = (*_graph_scalars((1.0 - beta1, beta2, 1.0 - beta2, eps, self.weight_decay)),
+                        self.weight_decay != 0.0)
+        self._betas = _graph_scalars(self.betas)
         self._add_moments("exp_avg", "exp_avg", self.params)
         self._add_moments("exp_avg_sq", "exp_avg_sq", self.params)
 
     def construct(self, grads, lr):
         step = self._count_step()
-        # float64, as torch's Python-float arithmetic: 1 - 0.999**t loses ~1e-5 in float32.
+        # float64, as torch's Python-float arithmetic: 1 - 0.999**t loses ~1e-5 in float32.  (The
+        # bases are the float32-rounded betas, as a Python float base was: 0.999 -> 0.99900001.)
         t = ops.cast(step, ms.float64)
-        bias_correction1 = ops.cast(1.0 - ops.pow(self.betas[0], t), ms.float32)
-        bias_correction2_sqrt = ops.cast(ops.sqrt(1.0 - ops.pow(self.betas[1], t)), ms.float32)
+        bias_correction1 = ops.cast(1.0 - ops.pow(self._betas[0], t), ms.float32)
+        bias_correction2_sqrt = ops.cast(ops.sqrt(1.0 - ops.pow(self._betas[1], t)), ms.float32)
         done = _hyper_map(ops.partial(_adamw, self.hparams, lr, bias_correction1, bias_correction2_sqrt),
                           self.params, grads, self.exp_avg, self.exp_avg_sq)
         return ops.depend(step, done)
