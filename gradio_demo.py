@@ -73,7 +73,7 @@ def load_generator(args):
 
     paths = model_paths(args)
     paths.check()
-    max_length = check_parts_fit(paths, args.model_max_length)
+    max_length, _ = check_parts_fit(paths, args.model_max_length, args.input_size)
     device = setup_device(args.device)
     dtype = compute_dtype(args.dtype, device)
     print("loading the models ...")
@@ -196,9 +196,11 @@ def main(argv=None) -> int:
     # no telemetry and no version check: the demo must start the same with or without internet
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = parse_args(argv)
+    from pixart.utils.files import check_writable_folder
+
+    check_writable_folder(args.output_path)  # before the models load, not at the first request
     generator = load_generator(args)
     page = build_page(generator, args)
-    os.makedirs(args.output_path, exist_ok=True)
     try:
         page.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                     allowed_paths=[os.path.abspath(args.output_path)], ssr_mode=False, css=page_css(generator))

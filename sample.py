@@ -21,14 +21,23 @@ from pixart.errors import ConfigError
 
 
 def load_latents(path: str, n: int) -> np.ndarray:
-    """(n, C, h, w) float32 from a .npy of one (C, h, w) latent or n of them."""
+    """(n, C, h, w) float32 from a .npy of one (C, h, w) latent or n of them; finite numbers only."""
     if not os.path.isfile(path):
         raise ConfigError(f"--latents: {path!r} not found")
-    latents = np.load(path).astype(np.float32)
+    try:
+        latents = np.load(path, allow_pickle=False)  # a pickled object array could run code
+    except (ValueError, OSError, EOFError) as e:
+        raise ConfigError(f"--latents: {path!r} is not a NumPy .npy array of numbers ({e})") from None
+    if not isinstance(latents, np.ndarray) or latents.dtype.kind not in "fiu":
+        raise ConfigError(f"--latents: {path!r} holds {getattr(latents, 'dtype', type(latents).__name__)}, "
+                          f"expected a float array")
+    latents = latents.astype(np.float32)
     if latents.ndim == 3:
         latents = latents[None]
     if latents.ndim != 4 or latents.shape[0] not in (1, n):
         raise ConfigError(f"--latents: expected (N, C, h, w) with N = 1 or {n} images, got {latents.shape}")
+    if not np.isfinite(latents).all():
+        raise ConfigError(f"--latents: {path!r} contains NaN or infinite values")
     return np.broadcast_to(latents, (n,) + latents.shape[1:]).copy()
 
 
@@ -86,15 +95,19 @@ def main(argv=None) -> int:
 
     from pixart.pipelines.loading import check_parts_fit
     from pixart.runtime import compute_dtype, setup_device
+    from pixart.utils.files import check_writable_folder
     from pixart.utils.images import generation_metadata, make_grid, save_png, slug
     from pixart.utils.seeds import image_seeds
+
+    check_writable_folder(args.output_path)  # before hours of compute, not after
 
     device = setup_device(args.device)
     dtype = compute_dtype(args.dtype, device)
     jobs = [(p, k) for p in prompts for k in range(args.num_trials)]
     seeds = image_seeds(len(jobs), args.seed)
     latents = load_latents(args.latents, len(jobs)) if args.latents else None
-    max_length = check_parts_fit(paths, args.model_max_length)
+    max_length, size_limits = check_parts_fit(paths, args.model_max_length, args.input_size)
+    size_limits.check(args.image_height, args.image_width)
     start = time.perf_counter()
     text, negative = encode_text(args, prompts, max_length, device, dtype)
     pipeline = load_pipeline(args, dtype)

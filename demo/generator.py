@@ -18,7 +18,7 @@ import numpy as np
 from pixart.data.buckets import bucket_table
 from pixart.diffusion.samplers import SAMPLERS
 from pixart.errors import InputError, RequestError
-from pixart.models.text_encoder import encode_prompts, normalize_prompt
+from pixart.models.text_encoder import check_prompt, encode_prompts, normalize_prompt
 from pixart.pipelines.text_to_image import PixArtPipeline, TextEmbeddings
 from pixart.utils.images import generation_metadata, save_png, slug
 from pixart.utils.seeds import MAX_SEED, image_seeds
@@ -48,14 +48,6 @@ class Generation:
     info: str                       # one line for the page: sizes, timing, where saved
 
 
-@dataclasses.dataclass(frozen=True)
-class SizeLimits:
-    """What the page offers and the generator accepts: sides in [minimum, maximum], multiples of ``step``."""
-    minimum: int
-    maximum: int
-    step: int
-
-
 class DemoGenerator:
     """Text encoder + pipeline kept in memory between requests.
 
@@ -79,15 +71,12 @@ class DemoGenerator:
 
     @property
     def base_size(self) -> int:
-        """The square image size, in pixels, the transformer was trained at (its latent size x VAE factor)."""
-        return self.pipeline.transformer.config.input_size * self.pipeline.vae_factor
+        """The square image size, in pixels, the transformer was trained at."""
+        return self.pipeline.trained_size
 
     @property
-    def size_limits(self) -> SizeLimits:
-        # Up to twice the trained size per side: the aspect-ratio buckets reach 4:1 at about the
-        # trained area, and larger squares are already far from what the model has seen.
-        unit = self.pipeline.vae_factor * self.pipeline.patch
-        return SizeLimits(unit, 2 * self.base_size, unit)
+    def size_limits(self):
+        return self.pipeline.size_limits
 
     def aspect_ratios(self) -> Dict[str, Tuple[int, int]]:
         """Choices for the page: "H x W (ratio)" -> (height, width), the inference buckets of this model's size."""
@@ -96,8 +85,10 @@ class DemoGenerator:
 
     def check(self, request: Request) -> None:
         """Raise RequestError with a message for the page if ``request`` cannot be generated."""
-        if not request.prompt or not request.prompt.strip():
-            raise RequestError("The prompt is empty: describe the image you want.")
+        try:
+            check_prompt(request.prompt, "The prompt")
+        except InputError as e:
+            raise RequestError(f"{e}.") from None
         if request.sampling_method not in SAMPLERS:
             raise RequestError(f"Unknown sampler {request.sampling_method!r}; choose one of {', '.join(SAMPLERS)}.")
         if not _is_int(request.sampling_steps) or not 1 <= request.sampling_steps <= MAX_STEPS:

@@ -14,6 +14,7 @@ class is a ``ValueError``, so code that guards a call with ``except ValueError``
     ├── DatasetError             a label file or image folder that cannot give a training set
     │   └── CacheError              a feature-cache entry that is missing or inconsistent
     ├── TrainingError            a training run that cannot start or continue
+    ├── OutputError              an output that cannot be written (folder, full disk)
     └── RequestError             a web-demo request answered with a message instead of images
 """
 
@@ -59,6 +60,11 @@ class CacheError(DatasetError):
 class TrainingError(PixArtError):
     """A training run that cannot start or continue (nothing to train, a resume that does not
     fit, an output folder holding another run)."""
+
+
+class OutputError(PixArtError):
+    """An output that cannot be written: a folder that is a file or read-only, a full disk. What
+    was already written stays complete; nothing half-written is left."""
 
 
 class RequestError(PixArtError):

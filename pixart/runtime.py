@@ -6,6 +6,8 @@ here once; MindSpore's CPU kernels compute matmuls in fp32 only.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Optional, Tuple
 
 from pixart.errors import ConfigError
@@ -25,9 +27,13 @@ def ms_dtype(name: str):
 
 
 def setup_device(device: Optional[str] = None) -> str:
-    """Select the MindSpore device (default: the installed backend), PyNative mode; returns the target."""
+    """Select the MindSpore device (default: the installed backend), PyNative mode; returns the target.
+
+    MindSpore's compiler writes ``rank_0/om/analyze_fail.ir`` into the working folder when a graph
+    fails to compile; its dumps go to the system's temporary folder instead."""
     import mindspore as ms
 
+    os.environ.setdefault("MS_OM_PATH", os.path.join(tempfile.gettempdir(), "pixart-mindspore-ir"))
     if device:
         ms.set_device(device)
     ms.set_context(mode=ms.PYNATIVE_MODE)

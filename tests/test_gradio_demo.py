@@ -243,14 +243,16 @@ def test_request_checks():
     """The generator's own checks, without a server: the messages the page shows."""
     from demo.generator import DemoGenerator, Request, RequestError
 
-    config = types.SimpleNamespace(input_size=8)
-    pipeline = types.SimpleNamespace(transformer=types.SimpleNamespace(config=config), vae_factor=8, patch=2)
+    from pixart.pipelines.text_to_image import SizeLimits
+
+    pipeline = types.SimpleNamespace(trained_size=64, size_limits=SizeLimits.for_model(8, 2, 8))
     gen = DemoGenerator(None, None, 300, pipeline, "unused", "tiny.ckpt", max_images=4)
     assert gen.size_limits.minimum == 16 and gen.size_limits.maximum == 128 and gen.size_limits.step == 16
     assert all(h % 16 == 0 and w % 16 == 0 for h, w in gen.aspect_ratios().values())
     gen.check(Request("a cat", height=64, width=128))
     bad = [(dict(prompt=" \n"), "prompt is empty"), (dict(width=100), "multiple of 16"),
-           (dict(height=256), "from 16 to 128"), (dict(sampling_steps=0), "Steps"), (dict(sampling_steps=2.5), "whole number"),
+           (dict(height=256), "from 16 to 128"), (dict(sampling_steps=0), "Steps"),
+           (dict(sampling_steps=2.5), "whole number"),
            (dict(sampling_method="euler"), "Unknown sampler"), (dict(num_images=5), "from 1 to 4"),
            (dict(guidance_scale=float("nan")), "Guidance"), (dict(seed=-1), "Seed")]
     for change, message in bad:

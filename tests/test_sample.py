@@ -219,7 +219,8 @@ def test_bad_inputs_get_clear_messages(components, tmp_path):
     assert proc.returncode == 1 and "no prompts" in proc.stderr
     proc = run_cli("--prompt", "x", "--sampling_method", "euler", *models)
     assert proc.returncode == 2 and "invalid choice: 'euler'" in proc.stderr
-    proc = run_cli("--prompt", "x", "--image_height", "100", "--use_resolution_binning", "False", *models)
+    proc = run_cli("--prompt", "x", "--image_height", "100", "--image_width", "64", "--use_resolution_binning", "False",
+                   *models)
     assert proc.returncode == 1 and "multiples of 16" in proc.stderr and "Traceback" not in proc.stderr
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("sampling_steps: 10\nguidance: 3\n")

@@ -352,20 +352,3 @@ def test_scripts_import_no_scripts_and_edit_no_path():
         assert "sys.path.insert" not in text and "sys.path.append" not in text, path
         for name in names:
             assert f"\nimport {name}\n" not in text and f"\nfrom {name} import" not in text, (path, name)
-
-
-def test_yaml_list_keys_take_a_single_value_and_wrong_types_are_named(tmp_path):
-    from pixart.cli import parse_with_config
-    from pixart.cli.inference import build_parser
-
-    config = tmp_path / "c.yaml"
-    config.write_text("prompt: seven\nkv_compress_layers: 3\n")
-    args = parse_with_config(build_parser(""), ["-c", str(config)])
-    assert args.prompt == ["seven"] and args.kv_compress_layers == [3]
-    for text, key in (("prompt: 5\n", "prompt"), ("image_height: [32]\n", "image_height"),
-                      ("sampling_method: [dpm]\n", "sampling_method"), ("prompt: [a, 7]\n", "prompt")):
-        config.write_text(text)
-        with pytest.raises(SystemExit):
-            parse_with_config(build_parser(""), ["-c", str(config)])
-    proc = subprocess.run([sys.executable, "sample.py", "-c", str(config)], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2 and "prompt:" in proc.stderr and "expected text" in proc.stderr

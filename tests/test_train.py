@@ -159,3 +159,57 @@ def test_bad_config_key_and_missing_data(workspace, tmp_path):
     assert proc.returncode == 2 and "unknown key(s) learning_rate" in proc.stderr
     proc = train(workspace, tmp_path / "x", "--image_dir", tmp_path / "nowhere", check=False)
     assert proc.returncode == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ one run per folder, safe resume
+
+def checkpoint_steps(output):
+    return sorted(os.listdir(output / "checkpoints"))
+
+
+def test_a_second_run_into_a_used_folder_is_refused_unless_asked(workspace, tmp_path):
+    out = tmp_path / "run"
+    common = ["--feature_cache", workspace["cache"], "--ckpt_every", "2"]
+    train(workspace, out, *common, "--max_steps", "4")
+    before = {name: os.path.getmtime(out / "checkpoints" / name / "model.ckpt") for name in checkpoint_steps(out)}
+    log_before = read_log(out)
+    proc = train(workspace, out, *common, "--max_steps", "2", "--seed", "7", check=False)
+    assert proc.returncode == 1 and "already holds a training run (checkpoints up to step 4)" in proc.stderr
+    assert "--resume latest" in proc.stderr and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    assert {n: os.path.getmtime(out / "checkpoints" / n / "model.ckpt") for n in checkpoint_steps(out)} == before
+    assert read_log(out) == log_before
+    train(workspace, out, *common, "--max_steps", "2", "--seed", "7", "--overwrite", "True")
+    assert checkpoint_steps(out) == ["step-00000002"] and len(read_log(out)) == 2
+    with open(out / "checkpoints" / "step-00000002" / "state.json") as f:
+        recorded = json.load(f)["config"]
+    assert recorded["seed"] == 7 and recorded["lr"] == 1e-3 and recorded["architecture"]["hidden_size"] == 64
+
+
+def test_resume_problems_are_messages_and_latest_skips_a_broken_checkpoint(workspace, tmp_path):
+    out = tmp_path / "run"
+    common = ["--feature_cache", workspace["cache"], "--ckpt_every", "2", "--keep_last", "0"]
+    proc = train(workspace, out, *common, "--max_steps", "2", "--resume", "latest")
+    assert "no checkpoint in" in proc.stderr and "starting fresh" in proc.stderr
+    for resume, message in (("lastest", "did you mean 'latest'"), (str(tmp_path / "nowhere"), "not a checkpoint folder")):
+        proc = train(workspace, out, *common, "--max_steps", "4", "--resume", resume, check=False)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    train(workspace, out, *common, "--max_steps", "4", "--resume", "latest")
+    newest = out / "checkpoints" / "step-00000004"
+    with open(newest / "model.ckpt", "r+b") as f:  # cut short, as a disk that filled up mid-write would
+        f.truncate(100)
+    proc = train(workspace, out, *common, "--max_steps", "4", "--resume", str(newest), check=False)
+    assert proc.returncode == 1 and "cannot be loaded" in proc.stderr and "step-00000002" in proc.stderr
+    proc = train(workspace, out, *common, "--max_steps", "6", "--resume", "latest", "--lr", "5e-4")
+    assert "step-00000004 cannot be loaded" in proc.stderr and "resumed from" in proc.stderr
+    assert "step-00000002" in proc.stderr and "lr: 0.001 -> 0.0005" in proc.stderr
+
+
+def test_train_refuses_weights_of_another_architecture(workspace, tmp_path):
+    out = tmp_path / "run"
+    train(workspace, out, "--feature_cache", workspace["cache"], "--max_steps", "1")
+    other = dict(TINY_MODEL, hidden_size=32, num_heads=2)
+    proc = train(workspace, tmp_path / "other", "--feature_cache", workspace["cache"], "--max_steps", "1",
+                 "--checkpoint", out / "checkpoints" / "step-00000001" / "model.ckpt",
+                 "--model_config", json.dumps(other), check=False)
+    assert proc.returncode == 1 and "does not match the model" in proc.stderr and "Traceback" not in proc.stderr
+    assert "shape mismatch" in proc.stderr

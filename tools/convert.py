@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from pixart.cli import entry_point, positive_int
+from pixart.cli import entry_point, non_negative_int, positive_int
 from pixart.models.pixart_checkpoint import (
     check_state_dict, diffusers_config, expected_shapes, infer_config, official_to_diffusers, read_source,
     save_mindspore_checkpoint)
@@ -32,19 +32,21 @@ def parse_args(argv=None):
     p.add_argument("--ema", action="store_true", help="take `state_dict_ema` from a training checkpoint")
     p.add_argument("--num_heads", type=positive_int, default=None,
                    help="attention heads (not stored in official files; default: diffusers config or 16, as XL/2)")
-    p.add_argument("--model_max_length", type=int, default=None,
+    p.add_argument("--model_max_length", type=positive_int, default=None,
                    help="T5 tokens when the file has no y_embedding (diffusers files): 300 for Σ, 120 for α")
-    p.add_argument("--input_size", type=int, default=None,
+    p.add_argument("--input_size", type=positive_int, default=None,
                    help="latent size the model was trained at (image side / 8), when the file does not tell")
     p.add_argument("--pe_interpolation", type=float, default=None,
                    help="position-embedding interpolation (default: input_size / 64, as every official checkpoint)")
     p.add_argument("--kv_compress_sampling", choices=["conv", "ave", "uniform"], default=None,
                    help="KV compression for parameter-free ave/uniform models (conv is detected from the weights)")
-    p.add_argument("--kv_compress_layers", type=int, nargs="*", default=None,
+    p.add_argument("--kv_compress_layers", type=non_negative_int, nargs="*", default=None,
                    help="layers with ave/uniform KV compression (conv layers are detected from the weights)")
     p.add_argument("--fixed_size", action="store_true",
                    help="PixArt (square input_size only, as the Σ 256px checkpoint) rather than PixArtMS")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the written weights")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing target (never the source itself); default: refuse")
     return p.parse_args(argv)
 
 
@@ -92,6 +94,8 @@ def to_mindspore(args) -> None:
 
 def to_diffusers(args) -> None:
     import json
+
+    from pixart.utils.files import write_text_atomically
     from pixart.utils.safetensors_io import save_file
 
     sd, hints = read_source(args.source)
@@ -101,9 +105,29 @@ def to_diffusers(args) -> None:
     tensors = official_to_diffusers(sd)
     os.makedirs(args.target, exist_ok=True)
     save_file(tensors, os.path.join(args.target, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(args.target, "config.json"), "w") as f:
-        json.dump(dconfig, f, indent=2)
+    write_text_atomically(os.path.join(args.target, "config.json"), json.dumps(dconfig, indent=2))
     print(f"wrote {args.target}/ (config.json, diffusion_pytorch_model.safetensors): {len(tensors)} tensors")
+
+
+def check_target(args, reverse: bool) -> None:
+    """Refuse, before reading anything, a target that is the source or that would replace what
+    the user has without --overwrite."""
+    from pixart.errors import ConfigError
+    from pixart.utils.files import refuse_existing, same_file
+
+    if same_file(args.source, args.target):
+        raise ConfigError(f"--target {args.target} is the source itself; write the conversion somewhere else")
+    if not reverse:
+        if os.path.isdir(args.target):
+            raise ConfigError(f"--target {args.target} is a folder; give the .ckpt file to write, e.g. "
+                              f"{os.path.join(args.target, 'model.ckpt')}")
+        refuse_existing(args.target, args.overwrite)
+        return
+    if os.path.exists(args.target) and not os.path.isdir(args.target):
+        raise ConfigError(f"--target {args.target} is a file; exporting to diffusers writes a folder "
+                          f"(config.json and diffusion_pytorch_model.safetensors)")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        refuse_existing(os.path.join(args.target, name), args.overwrite)
 
 
 @entry_point
@@ -111,6 +135,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     reverse = args.source.endswith(".ckpt") and not args.target.endswith(".ckpt")
+    check_target(args, reverse)
     (to_diffusers if reverse else to_mindspore)(args)
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0

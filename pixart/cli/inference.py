@@ -69,16 +69,25 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]:
     """--prompt, then the lines of --prompt_path. A prompt file named on the command line
-    replaces the config file's example ``prompt`` list."""
+    replaces the config file's example ``prompt`` list. An empty prompt is refused, as the web
+    demo refuses it (``check_prompt``)."""
+    from pixart.models.text_encoder import check_prompt
+
     prompts = list(args.prompt or [])
     file_on_command_line = args.prompt_path and args.prompt_path != parser.get_default("prompt_path")
     if file_on_command_line and args.prompt is parser.get_default("prompt"):
         prompts = []
+    for i, prompt in enumerate(prompts):
+        check_prompt(prompt, f"--prompt {i + 1}")
     if args.prompt_path:
         if not os.path.isfile(args.prompt_path):
             raise ConfigError(f"prompt file {args.prompt_path!r} not found")
-        with open(args.prompt_path, encoding="utf-8") as f:
-            from_file = [line.strip() for line in f if line.strip()]
+        try:
+            with open(args.prompt_path, encoding="utf-8") as f:
+                from_file = [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"prompt file {args.prompt_path!r} is not UTF-8 text ({e.reason} at byte "
+                              f"{e.start}); save it as UTF-8") from None
         if not from_file:
             raise ConfigError(f"prompt file {args.prompt_path!r} has no prompts (one per line expected)")
         prompts += from_file

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -66,6 +66,23 @@ def _match(key: str, prefix: str) -> Optional[Tuple[Optional[str], str]]:
     if not m:
         return None
     return (m.group(1) if m.groups() else None), key[m.end():]
+
+
+def diffusers_modules(slot: str) -> List[str]:
+    """The diffusers module(s) one of our layers computes: ``x_embedder.proj`` -> ``pos_embed.proj``;
+    a fused projection gives the modules it stacks, in row order (``blocks.3.attn.qkv`` ->
+    ``transformer_blocks.3.attn1.to_q``, ``.to_k``, ``.to_v``). KeyError for a layer diffusers
+    does not have."""
+    key = slot + "."
+    for official, parts in _FUSED:
+        m = _match(key, official)
+        if m and not m[1]:
+            return [_substitute(part, m[0])[:-1] for part in parts]
+    for official, diffusers in _RENAMES:
+        m = _match(key, official) if official.endswith(".") else None
+        if m and not m[1]:
+            return [_substitute(diffusers, m[0])[:-1]]
+    raise KeyError(slot)
 
 
 def is_diffusers_state_dict(sd: StateDict) -> bool:

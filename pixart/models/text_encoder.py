@@ -22,7 +22,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from pixart.models.t5 import T5Encoder
-from pixart.errors import ModelLoadError
+from pixart.errors import InputError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,13 @@ def load_tokenizer(folder: str):
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise ModelLoadError(f"T5 tokenizer: cannot load {folder!r} (found {found}): {e}") from None
+
+
+def check_prompt(prompt: str, what: str = "the prompt") -> None:
+    """InputError for a prompt with nothing to draw (empty or only whitespace): the one rule for
+    sample.py and the web demo."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError(f"{what} is empty: describe the image you want")
 
 
 def normalize_prompt(prompt: str) -> str:

@@ -45,12 +45,15 @@ class ModelPaths:
                 raise ConfigError(f"--{key}: {path!r} does not exist.\n{help_text}")
 
 
-def check_parts_fit(paths: ModelPaths, model_max_length: Optional[int] = None) -> int:
+def check_parts_fit(paths: ModelPaths, model_max_length: Optional[int] = None, input_size: Optional[int] = None):
     """Check, from their configs alone and before any model is loaded or compiled, that the parts
     are one model: the T5 width is the transformer's caption width, the VAE's latent channels
     its input channels, and a requested token length the one it was trained with (300 Σ,
-    120 α). Returns the token length; ConfigError naming the mismatch otherwise."""
+    120 α). Returns (the token length, the image ``SizeLimits``); ConfigError naming the
+    mismatch otherwise. ``input_size`` overrides the checkpoint's trained latent size."""
+    from pixart.models.autoencoder_kl import AutoencoderKLConfig
     from pixart.models.pixart_checkpoint import read_config
+    from pixart.pipelines.text_to_image import SizeLimits
     from pixart.utils.hf_folder import read_folder_config
 
     config = read_config(paths.checkpoint)
@@ -59,14 +62,19 @@ def check_parts_fit(paths: ModelPaths, model_max_length: Optional[int] = None) -
         raise ConfigError(f"the transformer {paths.checkpoint} reads {config.caption_channels}-channel caption "
                           f"features, but the text encoder {paths.text_encoder_root} makes {d_model}-channel ones: "
                           f"they are not parts of one model")
-    latent_channels = read_folder_config(paths.vae_root, "VAE").get("latent_channels", 4)
+    vae = read_folder_config(paths.vae_root, "VAE")
+    latent_channels = vae.get("latent_channels", 4)
     if latent_channels != config.in_channels:
         raise ConfigError(f"the transformer {paths.checkpoint} denoises {config.in_channels}-channel latents, but "
                           f"the VAE {paths.vae_root} has {latent_channels}: they are not parts of one model")
     if model_max_length and model_max_length != config.model_max_length:
         raise ConfigError(f"--model_max_length {model_max_length} does not match the checkpoint's "
                           f"{config.model_max_length} tokens")
-    return config.model_max_length
+    try:
+        vae_factor = AutoencoderKLConfig.from_hf(vae).downsample_factor
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"VAE: {paths.vae_root}/config.json: {e}") from None
+    return config.model_max_length, SizeLimits.for_model(input_size or config.input_size, config.patch_size, vae_factor)
 
 
 def load_text_encoder(folder: str, device: str, dtype):

@@ -32,6 +32,29 @@ EXECUTION_MODES = ("graph", "streamed", "pynative")
 BINNING_TABLES = {32: 256, 64: 512, 128: 1024, 256: 2048}  # trained latent size -> bucket table
 
 
+@dataclasses.dataclass(frozen=True)
+class SizeLimits:
+    """Image sides a model accepts: from ``minimum`` to ``maximum`` pixels, multiples of ``step``
+    where the size is sampled as asked (no resolution binning). One rule for sample.py and the
+    web demo: up to twice the trained side (the aspect-ratio buckets reach 4:1 at about the
+    trained area, and larger squares are far from what the model has seen); beyond it, latents
+    and attention outgrow any memory."""
+    minimum: int
+    maximum: int
+    step: int
+
+    @classmethod
+    def for_model(cls, input_size: int, patch_size: int, vae_factor: int) -> "SizeLimits":
+        unit = vae_factor * patch_size
+        return cls(unit, 2 * input_size * vae_factor, unit)
+
+    def check(self, height: int, width: int) -> None:
+        """InputError unless both sides are within the limits."""
+        if not (self.minimum <= height <= self.maximum and self.minimum <= width <= self.maximum):
+            raise InputError(f"image sides must be from {self.minimum} to {self.maximum} pixels for this model "
+                             f"(twice the {self.maximum // 2} px it was trained at), got {height}x{width}")
+
+
 @dataclasses.dataclass
 class TextEmbeddings:
     """T5 output for a batch of prompts: embeddings (B, L, Ct) float32, mask (B, L) int."""
@@ -156,14 +179,25 @@ class PixArtPipeline:
         self.vae_factor = vae.config.downsample_factor
         self.patch = transformer.config.patch_size
 
+    @property
+    def trained_size(self) -> int:
+        """The square image side, in pixels, the transformer was trained at (latent size x VAE factor)."""
+        return self.transformer.config.input_size * self.vae_factor
+
+    @property
+    def size_limits(self) -> SizeLimits:
+        return SizeLimits.for_model(self.transformer.config.input_size, self.patch, self.vae_factor)
+
     def generation_size(self, height: int, width: int, use_resolution_binning: bool) -> Tuple[int, int]:
         """The (height, width) to sample at: the nearest bucket of the model's table when binning."""
+        limits = self.size_limits
+        limits.check(height, width)
         input_size = self.transformer.config.input_size
         if use_resolution_binning and input_size in BINNING_TABLES:
             height, width = resolution_binning(height, width, BINNING_TABLES[input_size])
-        unit = self.vae_factor * self.patch
-        if height % unit or width % unit or height <= 0 or width <= 0:
-            raise InputError(f"height and width must be positive multiples of {unit} (VAE factor {self.vae_factor} x "
+        unit = limits.step
+        if height % unit or width % unit:
+            raise InputError(f"height and width must be multiples of {unit} (VAE factor {self.vae_factor} x "
                              f"patch {self.patch}), got {height}x{width}")
         return height, width
 

@@ -78,6 +78,8 @@ class TrainConfig:
     keep_last: int = option(3, "checkpoints to keep (0 = all)", "output")
     resume: Optional[str] = option(None, "'latest' or a checkpoint folder: continue exactly where it stopped",
                                    "output")
+    overwrite: bool = option(False, "start over in an output folder that holds another run (its checkpoints and "
+                                    "logs are deleted); without it such a folder is refused", "output")
     log_every: int = option(10, "log metrics every N steps", "output")
     tensorboard: bool = option(True, "also write TensorBoard event files", "output")
     validation_every: int = option(0, "sample validation images every N steps (0 = off)", "output")

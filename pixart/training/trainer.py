@@ -7,6 +7,7 @@ number of ranks, and resuming needs only the step count.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from pixart.diffusion.schedule import NUM_TRAIN_TIMESTEPS
 from pixart.errors import ConfigError, TrainingError
+from pixart.training.checkpoints import prepare_output
 from pixart.training.config import TrainConfig
 
 logger = logging.getLogger("pixart.train")
@@ -34,6 +36,8 @@ class Trainer:
         self.cfg, self.config, self.rank, self.world = cfg, config, rank, world
         self.is_main = rank == 0
         logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
+        # before anything is loaded: a folder holding another run is refused (or, asked to, cleared) first
+        prepare_output(cfg.output_path, cfg.resume, cfg.overwrite, delete=self.is_main)
         self._setup_features()
         self._setup_data()
         self._build_model(trainable)
@@ -112,24 +116,33 @@ class Trainer:
         import mindspore as ms
 
         from pixart.models.pixart_checkpoint import load_weights, read_source
-        from pixart.training.checkpoints import load_checkpoint, resolve_resume
+        from pixart.training.checkpoints import configuration_changes, load_resumable
 
         cfg = self.cfg
-        resume_dir = resolve_resume(cfg.resume, cfg.output_path) if cfg.resume else None
-        if resume_dir:
-            ckpt = load_checkpoint(resume_dir)
-            load_weights(self.model, ckpt["weights"], "the resumed checkpoint")
+        ckpt = load_resumable(cfg.resume, cfg.output_path) if cfg.resume else None
+        if ckpt:
+            load_weights(self.model, ckpt["weights"], ckpt["folder"])
             self.step.load_state(ckpt["optimizer"], ckpt["ema"], ckpt["state"])
             step = int(ckpt["state"]["step"])
             if self.is_main:
-                logger.info("resumed from %s at step %d", resume_dir, step)
+                logger.info("resumed from %s at step %d", ckpt["folder"], step)
+                changes = configuration_changes(ckpt["state"].get("config", {}), self.run_record())
+                if changes:
+                    logger.warning("the resumed run was started with other settings, now changed: %s",
+                                   "; ".join(changes))
             return step
+        if cfg.resume and self.is_main:
+            logger.info("--resume %s: no checkpoint in %s yet, starting fresh", cfg.resume, cfg.output_path)
         if cfg.checkpoint:
-            load_weights(self.model, read_source(cfg.checkpoint)[0], "initial weights")
+            load_weights(self.model, read_source(cfg.checkpoint)[0], cfg.checkpoint)
         if self.null_caption is not None and cfg.replace_null_caption:
             self.model.y_embedder.y_embedding.set_data(ms.Tensor(self.null_caption.astype(np.float32)))
         self.step.reset_ema()
         return 0
+
+    def run_record(self) -> dict:
+        """The run's settings and architecture, kept with every checkpoint."""
+        return {**dataclasses.asdict(self.cfg), "architecture": self.config.to_dict()}
 
     # ------------------------------------------------------------------ data
     def micro_batches(self, start: int) -> Iterator[Tuple[int, dict]]:
@@ -230,7 +243,8 @@ class Trainer:
         return save_checkpoint(cfg.output_path, step, self.config, weights, self.step.ema_weights(weights),
                                self.step.optimizer_state(),
                                {"seed": cfg.seed, "loss_scale": loss_scale, "world": self.world,
-                                "global_batch": self.global_batch * cfg.grad_accumulation, "lr": lr},
+                                "global_batch": self.global_batch * cfg.grad_accumulation, "lr": lr,
+                                "config": self.run_record()},
                                keep_last=cfg.keep_last)
 
     def weights(self):

@@ -9,6 +9,9 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from pixart.errors import OutputError
+from pixart.utils.files import place_new, temporary_sibling
+
 
 def slug(text: str, limit: int = 40) -> str:
     s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
@@ -35,20 +38,27 @@ def generation_metadata(prompt: str, negative_prompt: str, seed: int, sampling_m
 
 def save_png(image: np.ndarray, folder: str, stem: str, metadata: Dict[str, str]) -> str:
     """Write (H, W, 3) uint8 as ``folder/NNNNN-stem.png`` with ``metadata`` as PNG text chunks.
-    The file is created exclusively: a concurrent writer that picked the same index moves on."""
-    os.makedirs(folder, exist_ok=True)
+
+    The PNG is written completely under a temporary name, then linked into place without ever
+    replacing a file: a concurrent writer that took the same index moves this one on, and a
+    failure (full disk) leaves no partial PNG. OutputError says why a PNG could not be written."""
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, str(value))
-    index = next_index(folder)
-    while True:
-        path = os.path.join(folder, f"{index:05d}-{stem}.png")
-        try:
-            with open(path, "xb") as f:
-                Image.fromarray(image).save(f, format="PNG", pnginfo=info)
-            return path
-        except FileExistsError:
-            index += 1
+    try:
+        os.makedirs(folder, exist_ok=True)
+        index = next_index(folder)
+        with temporary_sibling(os.path.join(folder, f"{index:05d}-{stem}.png")) as tmp:
+            Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+            while True:
+                path = os.path.join(folder, f"{index:05d}-{stem}.png")
+                try:
+                    place_new(tmp, path)
+                    return path
+                except FileExistsError:
+                    index += 1
+    except OSError as e:
+        raise OutputError(f"cannot save an image in {folder!r}: {e.strerror or e}") from None
 
 
 def make_grid(images: Sequence[np.ndarray], columns: int = 0) -> np.ndarray:

@@ -49,15 +49,43 @@ def _read_header_and_offset(path: str):
             raise SafetensorsError(f"{path}: header length {n} exceeds file size {size}: truncated or not safetensors")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: the safetensors header must be a JSON object, got {type(header).__name__}")
     header.pop("__metadata__", None)
     data_start = 8 + n
+    for name, info in header.items():
+        problem = _entry_problem(info)
+        if problem:
+            raise SafetensorsError(f"{path}: tensor {name!r}: {problem}")
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if data_start + end > size:
         raise SafetensorsError(
             f"{path}: truncated: the header promises {data_start + end} bytes, the file has {size}")
     return header, data_start
+
+
+def _entry_problem(info) -> Optional[str]:
+    """What is wrong with one tensor's header entry, or None: a known dtype, a shape of
+    non-negative integers, and data offsets that hold exactly that many bytes."""
+    if not isinstance(info, dict):
+        return f"header entry is {type(info).__name__}, not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype != "BF16" and dtype not in _NUMPY_DTYPES:
+        return f"unsupported dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        return f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end"
+    itemsize = 2 if dtype == "BF16" else np.dtype(_NUMPY_DTYPES[dtype]).itemsize
+    expected = int(np.prod(shape, dtype=object)) * itemsize
+    if offsets[1] - offsets[0] != expected:
+        return f"shape {shape} ({dtype}) needs {expected} bytes, its data_offsets give {offsets[1] - offsets[0]}"
+    return None
 
 
 def load_file(path: str, names: Optional[Iterable[str]] = None) -> Dict[str, np.ndarray]:
@@ -74,8 +102,6 @@ def load_file(path: str, names: Optional[Iterable[str]] = None) -> Dict[str, np.
             info = header[name]
             begin, end = info["data_offsets"]
             dtype = info["dtype"]
-            if dtype != "BF16" and dtype not in _NUMPY_DTYPES:
-                raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
             buf = np.empty(end - begin, dtype=np.uint8)
             f.seek(data_start + begin)
             f.readinto(buf)

@@ -46,12 +46,41 @@ class Placeholder:
         return f"<untrusted {self.qualname}>"
 
 
+class InvalidTensor:
+    """Stands in for a tensor whose size, stride or offset do not fit its storage; ``load``
+    refuses the file naming the tensor's key (the rebuild call does not know it)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _rebuild_tensor(storage, offset, size, stride, *unused):
-    if not size:
-        return storage[offset:offset + 1].reshape(())
+    """The tensor ``storage[offset]`` viewed with ``size`` and ``stride`` (in elements), copied.
+
+    Every number comes from the file, so all are checked before NumPy sees them: a stride or
+    offset past the storage would read other memory (or crash), and a storage shorter than
+    the shape would leak whatever lies behind it into the output."""
+    if not isinstance(storage, np.ndarray):
+        return InvalidTensor(f"its storage is not a tensor storage ({type(storage).__name__})")
+    size, stride = tuple(size) if isinstance(size, (tuple, list)) else size, \
+        tuple(stride) if isinstance(stride, (tuple, list)) else stride
+    if not (_is_count(offset) and isinstance(size, tuple) and isinstance(stride, tuple)
+            and all(map(_is_count, size)) and all(map(_is_count, stride)) and len(size) == len(stride)):
+        return InvalidTensor(f"malformed size {size!r}, stride {stride!r} or offset {offset!r}")
+    numel = int(np.prod(size, dtype=object))
+    extent = 0 if numel == 0 else offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
+    if extent > storage.size or (numel == 0 and offset > storage.size):
+        return InvalidTensor(f"size {list(size)}, stride {list(stride)} and offset {offset} reach element {extent} "
+                             f"of a storage of {storage.size} elements: the file is corrupt or crafted")
+    if numel == 0:
+        return np.zeros(size, storage.dtype)
     itemsize = storage.itemsize
     return np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)).copy()
+        storage[offset:], shape=size, strides=tuple(s * itemsize for s in stride)).copy()
 
 
 def _rebuild_parameter(tensor, *unused):
@@ -124,8 +153,20 @@ def load(path: str) -> Any:
         prefix = pickles[0][: -len("/data.pkl")]
         try:
             with archive.open(pickles[0]) as f:
-                return _RestrictedUnpickler(f, archive, prefix).load()
+                obj = _RestrictedUnpickler(f, archive, prefix).load()
         except TorchCheckpointError as e:
             raise TorchCheckpointError(f"{path}: {e}") from None
-        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, IndexError, KeyError,
+                AttributeError, OverflowError, RecursionError) as e:  # a malformed pickle, whichever way
             raise TorchCheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    _refuse_invalid_tensors(obj, path)
+    return obj
+
+
+def _refuse_invalid_tensors(obj, path: str, where: str = "") -> None:
+    """Raise naming the first InvalidTensor in the (nested) unpickled object."""
+    if isinstance(obj, InvalidTensor):
+        raise TorchCheckpointError(f"{path}: tensor {where or '(top level)'}: {obj.reason}")
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        _refuse_invalid_tensors(value, path, f"{where}.{key}" if where else str(key))
