@@ -64,7 +64,7 @@ def parse_args(argv):
 
 def load_generator(args):
     """Load tokenizer, T5, transformer and VAE once."""
-    from demo.generator import DemoGenerator
+    from demo.generator import DemoGenerator, MergedLoras
     from pixart.models.autoencoder_kl import AutoencoderKL
     from pixart.models.text_encoder import load_tokenizer
     from pixart.pipelines.loading import check_parts_fit, load_text_encoder
@@ -77,13 +77,18 @@ def load_generator(args):
     device = setup_device(args.device)
     dtype = compute_dtype(args.dtype, device)
     print("loading the models ...")
-    transformer, _ = load_transformer(args, dtype)
+    transformer, merger = load_transformer(args, dtype)
     vae = AutoencoderKL.from_pretrained(args.vae_root, dtype=dtype)
     tokenizer = load_tokenizer(args.tokenizer_root)
     text_encoder = load_text_encoder(args.text_encoder_root, device, dtype)
     pipeline = PixArtPipeline(transformer, vae, mode=args.mode, tiled_decode=args.tiled_decode)
+    loras = None
+    if merger:
+        from pixart.pipelines.loading import lora_scales
+        names = [os.path.basename(os.path.normpath(p)) for p in args.lora_path]
+        loras = MergedLoras(merger, names, lora_scales(len(names), args.lora_scale))
     return DemoGenerator(tokenizer, text_encoder, max_length, pipeline, args.output_path,
-                         os.path.basename(args.checkpoint), args.use_resolution_binning, args.max_images)
+                         os.path.basename(args.checkpoint), args.use_resolution_binning, args.max_images, loras)
 
 
 def whole(value):
@@ -93,7 +98,7 @@ def whole(value):
 
 def form_fields(gr, generator, args):
     """The input widgets, initialised from the flags, keyed by what they set."""
-    from demo.generator import MAX_GUIDANCE, MAX_SEED, MAX_STEPS
+    from demo.generator import MAX_GUIDANCE, MAX_LORA_STRENGTH, MAX_SEED, MAX_STEPS
     from pixart.diffusion.samplers import SAMPLERS
 
     limits = generator.size_limits
@@ -127,6 +132,11 @@ def form_fields(gr, generator, args):
                                 step=limits.step, label="Height", elem_id="height")
     f["num_images"] = gr.Slider(1, generator.max_images, value=1, step=1, label="Number of images",
                                 elem_id="num_images")
+    if generator.loras:  # merged into the weights; a new strength re-merges them once, exactly
+        f["lora"] = gr.Slider(0, MAX_LORA_STRENGTH, value=1.0, step=0.05, label="LoRA strength", elem_id="lora",
+                              info=f"times the --lora_scale of {', '.join(generator.loras.names)}; 0: the base model")
+    else:
+        f["lora"] = gr.State(1.0)
     return f
 
 
@@ -148,11 +158,11 @@ def build_page(generator, args):
     ratios = generator.aspect_ratios()
 
     def generate(prompt, negative_prompt, sampler, steps, guidance, seed, randomize, width, height, num_images,
-                 progress=gr.Progress()):
+                 lora_strength, progress=gr.Progress()):
         request = Request(prompt=prompt, negative_prompt=negative_prompt or "", sampling_method=sampler,
                           sampling_steps=whole(steps), guidance_scale=guidance,
                           seed=None if randomize else whole(seed), height=whole(height), width=whole(width),
-                          num_images=whole(num_images))
+                          num_images=whole(num_images), lora_strength=lora_strength)
         try:
             result = generator.generate(request, on_progress=lambda fraction, what: progress(fraction, desc=what))
         except RequestError as e:
@@ -179,7 +189,7 @@ def build_page(generator, args):
                 outputs = result_fields(gr)
         f["aspect"].change(pick_ratio, f["aspect"], [f["width"], f["height"]], queue=False)
         inputs = [f[k] for k in ("prompt", "negative", "sampler", "steps", "guidance", "seed", "randomize", "width",
-                                 "height", "num_images")]
+                                 "height", "num_images", "lora")]
         gr.on([button.click, f["prompt"].submit], generate, inputs, outputs)
     # one request at a time: there is a single copy of the models; the others wait their turn in the queue
     page.queue(default_concurrency_limit=1, max_size=args.queue_size)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from pixart.cli import entry_point, parse_with_config
-from pixart.cli.inference import build_parser, load_transformer, model_paths, read_prompts
+from pixart.cli.inference import build_parser, load_transformer, lora_label, model_paths, read_prompts
 from pixart.errors import ConfigError
 
 
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
                                                                       latents):
         meta = generation_metadata(prompt, args.negative_prompt, seed, args.sampling_method, args.sampling_steps,
                                    args.guidance_scale, args.checkpoint, (args.image_height, args.image_width),
-                                   gen_size)
+                                   gen_size, lora_label(args))
         path = save_png(image, args.output_path, slug(prompt), meta)
         images.append(image)
         per_step.append(seconds_per_step)

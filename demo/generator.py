@@ -25,6 +25,7 @@ from pixart.utils.seeds import MAX_SEED, image_seeds
 
 MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
+MAX_LORA_STRENGTH = 2.0
 
 
 @dataclasses.dataclass
@@ -38,6 +39,22 @@ class Request:
     height: int = 1024
     width: int = 1024
     num_images: int = 1
+    lora_strength: float = 1.0      # multiplies every --lora_scale (0: the base model alone)
+
+
+@dataclasses.dataclass
+class MergedLoras:
+    """The LoRA adapters merged into the demo's transformer: their names and the --lora_scale
+    values that strength 1 means."""
+    merger: object                  # pixart.models.lora.LoraMerger
+    names: List[str]
+    scales: List[float]
+
+    def apply(self, strength: float) -> str:
+        """Merge at ``strength`` times the scales (exactly: from the base weights); a metadata label."""
+        scales = [s * strength for s in self.scales]
+        self.merger.set_scales(scales)
+        return ", ".join(f"{name}@{scale:g}" for name, scale in zip(self.names, scales))
 
 
 @dataclasses.dataclass
@@ -58,7 +75,9 @@ class DemoGenerator:
     """
 
     def __init__(self, tokenizer, text_encoder, max_length: int, pipeline: PixArtPipeline, output_path: str,
-                 checkpoint_name: str, use_resolution_binning: bool = True, max_images: int = 4):
+                 checkpoint_name: str, use_resolution_binning: bool = True, max_images: int = 4,
+                 loras: Optional[MergedLoras] = None):
+        self.loras = loras
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.max_length = max_length
@@ -99,6 +118,8 @@ class DemoGenerator:
             raise RequestError(f"Seed must be a whole number from 0 to {MAX_SEED}, got {request.seed}.")
         if not _is_int(request.num_images) or not 1 <= request.num_images <= self.max_images:
             raise RequestError(f"Number of images must be from 1 to {self.max_images}, got {request.num_images}.")
+        if not _is_number(request.lora_strength) or not 0 <= request.lora_strength <= MAX_LORA_STRENGTH:
+            raise RequestError(f"LoRA strength must be between 0 and {MAX_LORA_STRENGTH:g}, got {request.lora_strength}.")
         lim = self.size_limits
         for name, value in (("Width", request.width), ("Height", request.height)):
             if not _is_int(value) or not lim.minimum <= value <= lim.maximum or value % lim.step:
@@ -116,6 +137,7 @@ class DemoGenerator:
         seed = seeds[0]
         steps_label = f"{request.sampling_method}, {request.sampling_steps} steps"
         with self._lock:
+            lora_label = self.loras.apply(request.lora_strength) if self.loras else ""
             report(0.0, "encoding the prompt")
             texts = [normalize_prompt(request.prompt), normalize_prompt(request.negative_prompt)]  # as sample.py
             emb, mask = encode_prompts(texts, self.tokenizer, self.text_encoder, self.max_length)
@@ -134,7 +156,7 @@ class DemoGenerator:
         for image, image_seed in zip(result.images, seeds):
             meta = generation_metadata(request.prompt, request.negative_prompt, image_seed, request.sampling_method,
                                        request.sampling_steps, request.guidance_scale, self.checkpoint_name,
-                                       (request.height, request.width), (gen_h, gen_w))
+                                       (request.height, request.width), (gen_h, gen_w), lora_label)
             paths.append(save_png(image, self.output_path, slug(request.prompt), meta))
         binned = "" if (gen_h, gen_w) == (request.height, request.width) else " (nearest trained aspect ratio)"
         seeds_text = f"seed {seed}" if n == 1 else f"seeds {seed}..{seed + n - 1}"

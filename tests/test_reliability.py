@@ -306,7 +306,8 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoints(tmp_path, monke
 
     config = PixArtConfig(input_size=8, depth=1, hidden_size=16, num_heads=2, caption_channels=8, model_max_length=2)
     weights = {"w": np.ones((2, 2), np.float32)}
-    first = checkpoints.save_checkpoint(str(tmp_path), 1, config, weights, None, {"adamw.step": np.array(1)}, {})
+    write = checkpoints.model_writer(config, weights, None)
+    first = checkpoints.save_checkpoint(str(tmp_path), 1, write, {"adamw.step": np.array(1)}, {})
 
     def full_disk(params, path, *args, **kwargs):
         with open(path, "wb") as f:
@@ -315,7 +316,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoints(tmp_path, monke
 
     monkeypatch.setattr(ms, "save_checkpoint", full_disk)
     with pytest.raises(OutputError, match="could not write checkpoint .*step-00000002.*earlier checkpoints are intact"):
-        checkpoints.save_checkpoint(str(tmp_path), 2, config, weights, None, {"adamw.step": np.array(2)}, {})
+        checkpoints.save_checkpoint(str(tmp_path), 2, write, {"adamw.step": np.array(2)}, {})
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000001"]
     assert checkpoints.load_checkpoint(first)["state"]["step"] == 1
 

@@ -80,8 +80,33 @@ def train(ws, output, *args, check=True):
 
 
 def final_weights(output, step):
+    """The trained weights of a checkpoint: the model's, or a LoRA run's adapter factors."""
     from pixart.models.pixart_checkpoint import read_mindspore_checkpoint
-    return read_mindspore_checkpoint(os.path.join(output, "checkpoints", f"step-{step:08d}", "model.ckpt"))[0]
+    from pixart.utils.safetensors_io import load_file
+
+    folder = os.path.join(output, "checkpoints", f"step-{step:08d}")
+    if os.path.isdir(os.path.join(folder, "adapter")):
+        return load_file(os.path.join(folder, "adapter", "adapter_model.safetensors"))
+    return read_mindspore_checkpoint(os.path.join(folder, "model.ckpt"))[0]
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(workspace):
+    """Random base weights of the tiny architecture (every layer non-zero) for LoRA runs."""
+    from pixart.models.pixart import PixArtConfig, build_model
+    from pixart.models.pixart_checkpoint import save_mindspore_checkpoint
+
+    config = PixArtConfig(**TINY_MODEL)
+    rng = np.random.default_rng(3)
+    weights = {name: (p.asnumpy() + rng.standard_normal(p.shape) * 0.05).astype(np.float32)
+               for name, p in build_model(config).parameters_and_names()}
+    path = workspace["folder"] / "base.ckpt"
+    save_mindspore_checkpoint(weights, config, str(path))
+    return path
+
+
+def kind_args(kind, base):
+    return ["--checkpoint", base, "--lora_rank", "4", "--lora_alpha", "8"] if kind == "lora" else []
 
 
 def max_diff(a, b):
@@ -112,9 +137,11 @@ def test_images_and_cache_train_the_same(workspace, tmp_path):
     assert max_diff(final_weights(a, 3), final_weights(b, 3)) < 1e-5
 
 
-def test_kill_and_resume_matches_uninterrupted(workspace, tmp_path):
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_kill_and_resume_matches_uninterrupted(workspace, base_checkpoint, tmp_path, kind):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    common = ["--feature_cache", workspace["cache"], "--max_steps", "8", "--ckpt_every", "2", "--keep_last", "2"]
+    common = ["--feature_cache", workspace["cache"], "--max_steps", "8", "--ckpt_every", "2", "--keep_last", "2",
+              *kind_args(kind, base_checkpoint)]
     train(workspace, straight, *common)
     proc = subprocess.Popen([sys.executable, "train.py", "-c", str(workspace["config"]), "--output_path",
                              str(interrupted), *map(str, common)], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -134,9 +161,11 @@ def test_kill_and_resume_matches_uninterrupted(workspace, tmp_path):
     assert len(os.listdir(interrupted / "checkpoints")) == 2  # keep_last
 
 
-def test_two_workers_match_one_process(workspace, tmp_path):
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_two_workers_match_one_process(workspace, base_checkpoint, tmp_path, kind):
     single, parallel = tmp_path / "single", tmp_path / "parallel"
-    common = ["--feature_cache", workspace["cache"], "--max_steps", "4", "--ckpt_every", "4"]
+    common = ["--feature_cache", workspace["cache"], "--max_steps", "4", "--ckpt_every", "4",
+              *kind_args(kind, base_checkpoint)]
     train(workspace, single, *common, "--batch_size", "4")
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     logs = tmp_path / "msrun_logs"
@@ -213,3 +242,52 @@ def test_train_refuses_weights_of_another_architecture(workspace, tmp_path):
                  "--model_config", json.dumps(other), check=False)
     assert proc.returncode == 1 and "does not match the model" in proc.stderr and "Traceback" not in proc.stderr
     assert "shape mismatch" in proc.stderr
+
+
+def test_lora_training_keeps_the_base_and_saves_a_peft_adapter(workspace, base_checkpoint, tmp_path):
+    """In process: after LoRA training every base weight is bit-identical, only adapters moved,
+    and the checkpoint holds the adapter (and its EMA) as PEFT folders, no copy of the base."""
+    from pixart.cli import parse_with_config
+    from pixart.cli.training import build_parser
+    from pixart.models.lora import read_lora
+    from pixart.models.pixart_checkpoint import read_mindspore_checkpoint
+    from pixart.training.config import TrainConfig, model_config
+    from pixart.training.trainer import Trainer
+
+    out = tmp_path / "lora"
+    args = parse_with_config(build_parser(""), ["-c", str(workspace["config"]), "--output_path", str(out),
+                                                "--feature_cache", str(workspace["cache"]), "--max_steps", "3",
+                                                *map(str, kind_args("lora", base_checkpoint))])
+    cfg = TrainConfig.from_namespace(args)
+    trainer = Trainer(cfg, model_config(cfg))
+    trainer.fit()
+    base, _ = read_mindspore_checkpoint(str(base_checkpoint))
+    after = {name: p.asnumpy() for name, p in trainer.model.parameters_and_names()}
+    for name, value in base.items():
+        np.testing.assert_array_equal(after[name], value, err_msg=name)
+    moved = [p for p in trainer.step.params if "lora_A" in p.name or "lora_B" in p.name]
+    assert moved and all(".adapter." in p.name for p in trainer.step.params)
+    assert any(np.abs(p.asnumpy()).max() > 0 for p in moved if "lora_B" in p.name)  # B started at zero
+    folder = out / "checkpoints" / "step-00000003"
+    assert sorted(os.listdir(folder)) == ["adapter", "adapter_ema", "optimizer.ckpt", "state.json"]
+    lora = read_lora(str(folder / "adapter"))
+    assert len(lora.factors) == len(moved) // 2 and "pos_embed.proj" in lora.factors
+    with open(folder / "adapter" / "adapter_config.json") as f:
+        config = json.load(f)
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs", "train"))))
+def test_train_configs_parse(name):
+    from pixart.cli import parse_with_config
+    from pixart.cli.training import build_parser
+    from pixart.training.config import TrainConfig
+
+    args = parse_with_config(build_parser(""), ["-c", os.path.join(ROOT, "configs", "train", name),
+                                                "--json_path", "x.json", "--image_dir", "."])
+    cfg = TrainConfig.from_namespace(args)
+    spec = cfg.lora_spec()
+    assert ("lora" in name) == (spec is not None)
+    if spec:
+        assert spec.r == 16 and spec.rank_and_scale("transformer_blocks.0.attn1.to_q") == (16, 1.0)
+        assert cfg.checkpoint.startswith("models/")

@@ -45,6 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--fixed_size", action="store_true",
                    help="PixArt (square input_size only, as the Σ 256px checkpoint) rather than PixArtMS")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the written weights")
+    p.add_argument("--lora_path", nargs="+", action="extend", default=None,
+                   help="LoRA adapter(s) to bake into the weights (PEFT folder or single .safetensors), e.g. to "
+                        "write a standalone finetune or export one to diffusers")
+    p.add_argument("--lora_scale", type=float, nargs="+", default=None,
+                   help="strength of each --lora_path (one value for all, or one per adapter; default 1.0)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing target (never the source itself); default: refuse")
     return p.parse_args(argv)
@@ -65,10 +70,27 @@ def describe(config) -> str:
             f"pe_interpolation {config.pe_interpolation}" + ("; " + ", ".join(extras) if extras else ""))
 
 
+def bake_loras(sd, args) -> None:
+    """Add the --lora_path adapters, at their --lora_scale, into the weights ``sd`` in place."""
+    if not args.lora_path:
+        return
+    from pixart.models.lora import lora_deltas, read_lora, state_dict_slot_shapes
+    from pixart.pipelines.loading import lora_scales
+
+    shapes = state_dict_slot_shapes(sd)
+    for path, scale in zip(args.lora_path, lora_scales(len(args.lora_path), args.lora_scale)):
+        lora = read_lora(path)
+        for name, delta in lora_deltas(shapes, lora, scale).items():
+            sd[name + ".weight"] = (sd[name + ".weight"].astype(np.float64) + delta).astype(np.float32)
+        print(f"merged LoRA {path} at scale {scale:g} into {len(lora.factors)} modules" +
+              (f" ({lora.note})" if lora.note else ""))
+
+
 def to_mindspore(args) -> None:
     from pixart.models.pixart import random_null_caption
 
     sd, hints = read_source(args.source, use_ema=args.ema)
+    bake_loras(sd, args)
     given = dict(hints)
     for key in ("model_max_length", "input_size", "pe_interpolation", "kv_compress_sampling", "kv_compress_layers"):
         if getattr(args, key) is not None:
@@ -99,6 +121,7 @@ def to_diffusers(args) -> None:
     from pixart.utils.safetensors_io import save_file
 
     sd, hints = read_source(args.source)
+    bake_loras(sd, args)
     config = infer_config(sd, **hints)
     print(describe(config))
     dconfig = diffusers_config(config)

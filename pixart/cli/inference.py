@@ -33,6 +33,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--kv_compress_sampling", choices=["conv", "ave", "uniform"],
                    help="parameter-free KV compression (ave/uniform) for checkpoints trained without it")
     g.add_argument("--kv_compress_ratio", type=positive_int, help="KV compression factor per axis (default 2)")
+    g.add_argument("--lora_path", nargs="+", action="extend", default=None,
+                   help="LoRA adapter(s) merged into the transformer at load: a PEFT folder (adapter_config.json + "
+                        "adapter_model.safetensors, as the official PixArt LoRA script, mindone and train.py write "
+                        "it) or a single pytorch_lora_weights.safetensors; repeat the flag (or list several) to "
+                        "combine adapters")
+    g.add_argument("--lora_scale", type=float, nargs="+", default=None,
+                   help="strength of each --lora_path (one value for all, or one per adapter; default 1.0)")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="compute dtype (CPU: fp32 only)")
     g.add_argument("--mode", choices=EXECUTION_MODES, default="graph",
                    help="graph: the denoiser compiled once per shape (fastest); streamed: one compiled block "
@@ -99,13 +106,29 @@ def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> L
 def model_paths(args: argparse.Namespace):
     from pixart.pipelines.loading import ModelPaths
 
-    return ModelPaths(args.checkpoint, args.vae_root, args.text_encoder_root, args.tokenizer_root)
+    from pixart.pipelines.loading import lora_scales
+
+    lora_scales(len(args.lora_path or []), args.lora_scale)  # a count that does not fit is refused here, early
+    return ModelPaths(args.checkpoint, args.vae_root, args.text_encoder_root, args.tokenizer_root,
+                      tuple(args.lora_path or ()))
 
 
 def load_transformer(args: argparse.Namespace, dtype):
-    """The transformer of --checkpoint with the architecture flags applied; (model, config)."""
+    """The transformer of --checkpoint with the architecture flags applied and the --lora_path
+    adapters merged in; (model, LoraMerger or None)."""
     from pixart.models.pixart_checkpoint import load_pixart
+    from pixart.pipelines.loading import merge_loras
 
-    return load_pixart(args.checkpoint, dtype=dtype, input_size=args.input_size,
-                       pe_interpolation=args.pe_interpolation, kv_compress_layers=args.kv_compress_layers,
-                       kv_compress_sampling=args.kv_compress_sampling, kv_compress_ratio=args.kv_compress_ratio)
+    model, _ = load_pixart(args.checkpoint, dtype=dtype, input_size=args.input_size,
+                           pe_interpolation=args.pe_interpolation, kv_compress_layers=args.kv_compress_layers,
+                           kv_compress_sampling=args.kv_compress_sampling, kv_compress_ratio=args.kv_compress_ratio)
+    return model, merge_loras(model, args.lora_path or [], args.lora_scale)
+
+
+def lora_label(args: argparse.Namespace, scales=None) -> str:
+    """'name@scale, ...' of the merged adapters, for the PNG metadata (empty without adapters)."""
+    from pixart.pipelines.loading import lora_scales
+
+    paths = args.lora_path or []
+    scales = scales if scales is not None else lora_scales(len(paths), args.lora_scale)
+    return ", ".join(f"{os.path.basename(os.path.normpath(p))}@{s:g}" for p, s in zip(paths, scales))

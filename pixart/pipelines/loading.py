@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import List, Optional, Sequence
 
 from pixart.errors import ConfigError
 
@@ -34,6 +34,7 @@ class ModelPaths:
     vae_root: Optional[str]
     text_encoder_root: Optional[str]
     tokenizer_root: Optional[str]
+    lora_paths: Sequence[str] = ()
 
     def check(self) -> None:
         """ConfigError naming the first part that is not set or not there, and where to get it."""
@@ -43,6 +44,9 @@ class ModelPaths:
                 raise ConfigError(f"--{key} is not set (nor in the config).\n{help_text}")
             if not os.path.exists(path):
                 raise ConfigError(f"--{key}: {path!r} does not exist.\n{help_text}")
+        for path in self.lora_paths:
+            if not os.path.exists(path):
+                raise ConfigError(f"--lora_path: {path!r} does not exist")
 
 
 def check_parts_fit(paths: ModelPaths, model_max_length: Optional[int] = None, input_size: Optional[int] = None):
@@ -83,3 +87,34 @@ def load_text_encoder(folder: str, device: str, dtype):
     from pixart.runtime import text_encoder_dtype
 
     return T5Encoder.from_pretrained(folder, dtype=text_encoder_dtype(device, dtype))
+
+
+def lora_scales(count: int, scales: Optional[Sequence[float]]) -> List[float]:
+    """One scale per adapter from --lora_scale: none given means 1.0 each, one value applies to all."""
+    if not scales:
+        return [1.0] * count
+    if len(scales) == 1:
+        return [float(scales[0])] * count
+    if len(scales) != count:
+        raise ConfigError(f"--lora_scale: {len(scales)} values for {count} --lora_path adapter(s); give one "
+                          f"value for all or one per adapter")
+    return [float(s) for s in scales]
+
+
+def merge_loras(model, paths: Sequence[str], scales: Optional[Sequence[float]] = None):
+    """Read the LoRA adapters at ``paths`` and merge them into ``model``'s weights at their scales;
+    the ``LoraMerger`` (None without adapters) changes the scales later, exactly."""
+    from pixart.models.lora import LoraMerger, read_lora
+
+    if scales and not paths:
+        raise ConfigError("--lora_scale without --lora_path")
+    if not paths:
+        return None
+    per_adapter = lora_scales(len(paths), scales)
+    loras = [read_lora(path) for path in paths]
+    for lora in loras:
+        if lora.note:
+            print(f"note: {lora.note}")
+    merger = LoraMerger(model, loras)
+    merger.set_scales(per_adapter)
+    return merger

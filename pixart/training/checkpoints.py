@@ -3,6 +3,8 @@
     <output>/checkpoints/step-00001000/
         model.ckpt      transformer weights + architecture (sample.py loads it directly)
         ema.ckpt        EMA weights, same format (sample.py loads it too)
+        adapter/        instead of the two above when training a LoRA: the adapter as a PEFT
+        adapter_ema/    folder (sample.py --lora_path), and its EMA
         optimizer.ckpt  optimizer state (moments, step count), as MindSpore parameters
         state.json      step, loss scale, seed, world size, and the run's configuration
 
@@ -19,7 +21,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -145,11 +147,11 @@ def configuration_changes(stored: dict, current: dict) -> List[str]:
     return [f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
 
 
-def save_checkpoint(output_path: str, step: int, config: PixArtConfig, weights: Dict[str, np.ndarray],
-                    ema_weights: Optional[Dict[str, np.ndarray]], optimizer_state: Dict[str, np.ndarray],
-                    state: dict, keep_last: int = 3) -> str:
-    """Write one checkpoint atomically and delete all but the newest ``keep_last``. A failure to
-    write (a full disk) is an OutputError; the earlier checkpoints are left as they were."""
+def save_checkpoint(output_path: str, step: int, write_weights: Callable[[str], None],
+                    optimizer_state: Dict[str, np.ndarray], state: dict, keep_last: int = 3) -> str:
+    """Write one checkpoint atomically (``write_weights(folder)`` writes the weights into it) and
+    delete all but the newest ``keep_last``. A failure to write (a full disk) is an OutputError;
+    the earlier checkpoints are left as they were."""
     import mindspore as ms
 
     root = checkpoint_root(output_path)
@@ -158,9 +160,7 @@ def save_checkpoint(output_path: str, step: int, config: PixArtConfig, weights: 
     try:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
-        save_mindspore_checkpoint(weights, config, os.path.join(partial, "model.ckpt"))
-        if ema_weights is not None:
-            save_mindspore_checkpoint(ema_weights, config, os.path.join(partial, "ema.ckpt"))
+        write_weights(partial)
         ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in optimizer_state.items()],
                            os.path.join(partial, "optimizer.ckpt"))
         with open(os.path.join(partial, "state.json"), "w") as f:
@@ -178,17 +178,40 @@ def save_checkpoint(output_path: str, step: int, config: PixArtConfig, weights: 
     return final
 
 
+def model_writer(config: PixArtConfig, weights: Dict[str, np.ndarray],
+                 ema_weights: Optional[Dict[str, np.ndarray]]) -> Callable[[str], None]:
+    """``write_weights`` of a full finetune: model.ckpt and ema.ckpt, which sample.py loads."""
+    def write(folder: str) -> None:
+        save_mindspore_checkpoint(weights, config, os.path.join(folder, "model.ckpt"))
+        if ema_weights is not None:
+            save_mindspore_checkpoint(ema_weights, config, os.path.join(folder, "ema.ckpt"))
+    return write
+
+
 def load_checkpoint(folder: str) -> dict:
-    """{"weights", "ema" (or None), "optimizer", "state"} of a checkpoint folder, as NumPy arrays."""
+    """{"weights", "ema", "adapter", "adapter_ema" (each None where the checkpoint has none),
+    "optimizer", "state"} of a checkpoint folder: weights as NumPy arrays, adapters as
+    ``LoraWeights``."""
     from pixart.models.pixart_checkpoint import read_mindspore_checkpoint
     from pixart.utils.mindspore_ckpt import read_ckpt
 
-    weights, _ = read_mindspore_checkpoint(os.path.join(folder, "model.ckpt"))
-    ema_path = os.path.join(folder, "ema.ckpt")
-    ema = read_mindspore_checkpoint(ema_path)[0] if os.path.isfile(ema_path) else None
+    def optional(name, read):
+        path = os.path.join(folder, name)
+        return read(path) if os.path.exists(path) else None
+
+    def read_adapter(path):
+        from pixart.models.lora import read_lora
+        return read_lora(path)
+
+    weights = optional("model.ckpt", lambda p: read_mindspore_checkpoint(p)[0])
+    adapter = optional("adapter", read_adapter)
+    if weights is None and adapter is None:
+        raise ValueError(f"{folder} holds neither model.ckpt nor adapter/")
     optimizer = read_ckpt(os.path.join(folder, "optimizer.ckpt"))
     with open(os.path.join(folder, "state.json")) as f:
         state = json.load(f)
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"{folder}/state.json has no step")
-    return {"weights": weights, "ema": ema, "optimizer": optimizer, "state": state}
+    return {"weights": weights, "ema": optional("ema.ckpt", lambda p: read_mindspore_checkpoint(p)[0]),
+            "adapter": adapter, "adapter_ema": optional("adapter_ema", read_adapter), "optimizer": optimizer,
+            "state": state}

@@ -11,6 +11,7 @@ import dataclasses
 from typing import List, Optional
 
 from pixart.errors import ConfigError
+from pixart.models.lora_spec import OFFICIAL_TARGETS, LoraSpec
 from pixart.runtime import DTYPE_NAMES
 
 
@@ -52,6 +53,15 @@ class TrainConfig:
     recompute: bool = option(False, "activation checkpointing per block", "model")
     dtype: str = option("fp32", "compute dtype; weights and optimizer stay fp32 (CPU: fp32 only)", "model",
                         choices=DTYPE_NAMES)
+    # LoRA
+    lora_rank: int = option(0, "train a LoRA adapter of this rank on the frozen --checkpoint (0: train every "
+                               "weight)", "lora")
+    lora_alpha: Optional[float] = option(None, "LoRA alpha: the adapter is scaled by alpha / rank (default: the "
+                                               "rank, scale 1)", "lora")
+    lora_targets: List[str] = option(list(OFFICIAL_TARGETS), "diffusers module names (or name endings) to adapt; "
+                                                             "default: the official PixArt LoRA list", "lora")
+    use_rslora: bool = option(False, "rank-stabilised LoRA: scale alpha / sqrt(rank)", "lora")
+    lora_dropout: float = option(0.0, "dropout on the adapters' input while training", "lora")
     # optimization
     optimizer: str = option("came", "optimizer", "optimization", choices=("came", "adamw"))
     lr: float = option(2e-5, "learning rate after warm-up", "optimization")
@@ -107,6 +117,21 @@ class TrainConfig:
         for key in ("batch_size", "grad_accumulation", "epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key} must be at least 1")
+        if self.lora_rank < 0:
+            raise ConfigError(f"--lora_rank must be 0 (off) or positive, got {self.lora_rank}")
+        if self.lora_rank and not self.checkpoint:
+            raise ConfigError("a LoRA adapts given weights: --checkpoint (the base model) is required with --lora_rank")
+        self.lora_spec()
+
+    def lora_spec(self) -> Optional[LoraSpec]:
+        """The adapter to train, or None for a full finetune."""
+        if not self.lora_rank:
+            return None
+        try:
+            return LoraSpec(r=self.lora_rank, lora_alpha=self.lora_alpha, target_modules=self.lora_targets,
+                            use_rslora=self.use_rslora, lora_dropout=self.lora_dropout)
+        except ValueError as e:
+            raise ConfigError(f"LoRA: {e}") from None
 
     @property
     def optimizer_kwargs(self) -> dict:

@@ -81,8 +81,11 @@ class Trainer:
             logger.info("%s", self.dataset.summary)
 
     def _build_model(self, trainable: Optional[Iterable[str]]):
+        """The model (with LoRA adapters on its targeted layers when training a LoRA), the trained
+        parameters (the adapters', or all), the optimizer over them and the compiled step."""
         import mindspore as ms
 
+        from pixart.models.lora import attach_lora, lora_parameters
         from pixart.models.pixart import build_model
         from pixart.runtime import compute_dtype
         from pixart.training.optim import auto_scale_lr, make_optimizer
@@ -92,6 +95,13 @@ class Trainer:
         self.model = build_model(self.config, dtype=compute_dtype(cfg.dtype, ms.get_context("device_target")))
         if cfg.recompute:
             self.model.enable_recompute()
+        self.lora_spec, self.lora_cells = cfg.lora_spec(), None
+        if self.lora_spec:
+            try:
+                self.lora_cells = attach_lora(self.model, self.lora_spec, seed=cfg.seed)
+            except ValueError as e:
+                raise ConfigError(f"--lora_targets: {e}") from None
+            trainable = [p.name for p in lora_parameters(self.lora_cells)] if trainable is None else trainable
         params = self.model.trainable_params()  # y_embedding is a frozen buffer, as officially
         if trainable is not None:
             wanted = set(trainable)
@@ -102,6 +112,10 @@ class Trainer:
             for p in self.model.trainable_params():
                 if p.name not in wanted:
                     p.requires_grad = False
+        if self.is_main and self.lora_cells:
+            count = sum(int(np.prod(p.shape)) for p in params)
+            logger.info("training a LoRA of rank %d on %d layers: %s parameters", self.lora_spec.r,
+                        len(self.lora_cells), f"{count:,}")
         self.global_batch = cfg.batch_size * self.world
         self.lr = auto_scale_lr(cfg.lr, self.global_batch * cfg.grad_accumulation,
                                 None if cfg.auto_lr == "none" else cfg.auto_lr)
@@ -112,17 +126,30 @@ class Trainer:
                               compiled=cfg.mode == "graph")
 
     def _restore(self) -> int:
-        """Load a checkpoint to resume from, or the initial weights; returns the step to start at."""
+        """Load the base weights and a checkpoint to resume from; returns the step to start at."""
         import mindspore as ms
 
+        from pixart.models.lora import load_into, parameter_values
         from pixart.models.pixart_checkpoint import load_weights, read_source
         from pixart.training.checkpoints import configuration_changes, load_resumable
 
         cfg = self.cfg
         ckpt = load_resumable(cfg.resume, cfg.output_path) if cfg.resume else None
+        adapter_names = [p.name for p in self.step.params] if self.lora_cells else []
+        if cfg.checkpoint and (self.lora_cells or not ckpt):  # a LoRA checkpoint holds the adapter alone
+            load_weights(self.model, read_source(cfg.checkpoint)[0], cfg.checkpoint, optional=adapter_names)
         if ckpt:
-            load_weights(self.model, ckpt["weights"], ckpt["folder"])
-            self.step.load_state(ckpt["optimizer"], ckpt["ema"], ckpt["state"])
+            if self.lora_cells:
+                if ckpt["adapter"] is None:
+                    raise TrainingError(f"{ckpt['folder']} is a full finetune's checkpoint, not a LoRA's")
+                load_into(self.lora_cells, ckpt["adapter"])
+                ema = parameter_values(self.lora_cells, ckpt["adapter_ema"]) if ckpt["adapter_ema"] else None
+            else:
+                if ckpt["weights"] is None:
+                    raise TrainingError(f"{ckpt['folder']} is a LoRA's checkpoint; resume it with its --lora_rank")
+                load_weights(self.model, ckpt["weights"], ckpt["folder"])
+                ema = ckpt["ema"]
+            self.step.load_state(ckpt["optimizer"], ema, ckpt["state"])
             step = int(ckpt["state"]["step"])
             if self.is_main:
                 logger.info("resumed from %s at step %d", ckpt["folder"], step)
@@ -133,8 +160,6 @@ class Trainer:
             return step
         if cfg.resume and self.is_main:
             logger.info("--resume %s: no checkpoint in %s yet, starting fresh", cfg.resume, cfg.output_path)
-        if cfg.checkpoint:
-            load_weights(self.model, read_source(cfg.checkpoint)[0], cfg.checkpoint)
         if self.null_caption is not None and cfg.replace_null_caption:
             self.model.y_embedder.y_embedding.set_data(ms.Tensor(self.null_caption.astype(np.float32)))
         self.step.reset_ema()
@@ -239,13 +264,27 @@ class Trainer:
         from pixart.training.checkpoints import save_checkpoint
 
         cfg = self.cfg
-        weights = self.weights()
-        return save_checkpoint(cfg.output_path, step, self.config, weights, self.step.ema_weights(weights),
-                               self.step.optimizer_state(),
-                               {"seed": cfg.seed, "loss_scale": loss_scale, "world": self.world,
-                                "global_batch": self.global_batch * cfg.grad_accumulation, "lr": lr,
-                                "config": self.run_record()},
+        state = {"seed": cfg.seed, "loss_scale": loss_scale, "world": self.world,
+                 "global_batch": self.global_batch * cfg.grad_accumulation, "lr": lr, "config": self.run_record()}
+        return save_checkpoint(cfg.output_path, step, self.weight_writer(), self.step.optimizer_state(), state,
                                keep_last=cfg.keep_last)
+
+    def weight_writer(self):
+        """What a checkpoint holds of the weights: the whole model, or the LoRA adapter as PEFT folders."""
+        from pixart.models.lora import save_peft
+        from pixart.training.checkpoints import model_writer
+
+        if not self.lora_cells:
+            weights = self.weights()
+            return model_writer(self.config, weights, self.step.ema_weights(weights))
+        kernel = tuple(self.model.x_embedder.proj.weight.shape[1:])
+        ema = self.step.ema_weights({p.name: p.asnumpy() for p in self.step.params})
+
+        def write(folder):
+            save_peft(self.lora_cells, self.lora_spec, os.path.join(folder, "adapter"), kernel)
+            if ema is not None:
+                save_peft(self.lora_cells, self.lora_spec, os.path.join(folder, "adapter_ema"), kernel, values=ema)
+        return write
 
     def weights(self):
         return {name: p.asnumpy() for name, p in self.model.parameters_and_names()}

@@ -26,14 +26,17 @@ def next_index(folder: str) -> int:
 
 def generation_metadata(prompt: str, negative_prompt: str, seed: int, sampling_method: str, sampling_steps: int,
                         guidance_scale: float, checkpoint: str, size: Tuple[int, int],
-                        generated_size: Tuple[int, int]) -> Dict[str, str]:
+                        generated_size: Tuple[int, int], loras: str = "") -> Dict[str, str]:
     """What a generated PNG records so that it can be made again: the settings under their
     command-line names, the checkpoint's file name, the asked size and the size sampled at
-    (the resolution bucket), both as "HxW"."""
-    return {"prompt": prompt, "negative_prompt": negative_prompt, "seed": str(seed),
+    (the resolution bucket), both as "HxW", and the merged LoRA adapters ("name@scale, ...")."""
+    meta = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": str(seed),
             "sampling_method": sampling_method, "sampling_steps": str(sampling_steps),
             "guidance_scale": str(guidance_scale), "checkpoint": os.path.basename(checkpoint),
             "size": f"{size[0]}x{size[1]}", "generated_size": f"{generated_size[0]}x{generated_size[1]}"}
+    if loras:
+        meta["loras"] = loras
+    return meta
 
 
 def save_png(image: np.ndarray, folder: str, stem: str, metadata: Dict[str, str]) -> str:
