@@ -152,7 +152,8 @@ def result_fields(gr):
 def build_page(generator, args):
     import gradio as gr
 
-    from demo.generator import Request
+    from demo.generator import MAX_STEPS, Request
+    from pixart.diffusion.samplers import SAMPLERS
     from pixart.errors import RequestError
 
     ratios = generator.aspect_ratios()
@@ -188,6 +189,9 @@ def build_page(generator, args):
             with gr.Column():
                 outputs = result_fields(gr)
         f["aspect"].change(pick_ratio, f["aspect"], [f["width"], f["height"]], queue=False)
+        # choosing a sampler sets its usual step count (LCM: 4, IDDPM: 100); the slider stays free
+        f["sampler"].input(lambda name: gr.update(value=min(SAMPLERS[name].default_steps, MAX_STEPS)), f["sampler"],
+                           f["steps"], queue=False)
         inputs = [f[k] for k in ("prompt", "negative", "sampler", "steps", "guidance", "seed", "randomize", "width",
                                  "height", "num_images", "lora")]
         gr.on([button.click, f["prompt"].submit], generate, inputs, outputs)

@@ -246,7 +246,7 @@ def test_inference_configs_parse(name):
 
     args = parse_with_config(build_parser(""), ["-c", os.path.join(ROOT, "configs", "inference", name),
                                                      "--prompt", "x"])
-    assert args.checkpoint.startswith("models/") and args.sampling_method == "dpm"
+    assert args.checkpoint.startswith("models/") and args.sampling_method == ("lcm" if "lcm" in name else "dpm")
     assert args.model_max_length in (16, 120, 300) and args.image_height % 8 == 0
 
 
@@ -292,3 +292,20 @@ def test_denoiser_compiles_once_per_shape(components):
     assert len(api.ms_compile_cache) == compiled
     pipe(text(1), text(1), 64, 96, sampling_steps=2, seeds=[0], use_resolution_binning=False, progress=False)
     assert len(api.ms_compile_cache) == compiled + 1
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_lcm_one_step_matches_pixart_sigma_pipeline(components, tmp_path, guidance):
+    """One LCM step from given latents (no step noise), without and with classifier-free guidance."""
+    from tests.test_samplers import lcm_scheduler
+
+    c = components
+    latents = np.random.default_rng(4).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    pipe = diffusers_pipeline(c, lcm_scheduler())
+    expected = pipe(PROMPTS, height=64, width=64, num_inference_steps=1, guidance_scale=guidance,
+                    latents=torch.from_numpy(latents), output_type="pil", use_resolution_binning=False,
+                    clean_caption=False, max_sequence_length=300).images
+    ours, _ = run_sample_py(c, tmp_path, latents, 64, 64, "--prompt", *PROMPTS, "--sampling_method", "lcm",
+                            "--sampling_steps", "1", "--guidance_scale", str(guidance),
+                            "--use_resolution_binning", "False")
+    assert_images_close(ours, [np.asarray(im) for im in expected])

@@ -337,7 +337,7 @@ def test_make_sampler_kinds_and_channels():
 
 
 def test_make_sampler_rejects_unknown_names():
-    with pytest.raises(ValueError, match="valid choices: dpm, ddim, iddpm"):
+    with pytest.raises(ValueError, match="valid choices: dpm, ddim, iddpm, lcm"):
         make_sampler("euler", 20)
 
 
@@ -361,3 +361,53 @@ def test_step_rejects_wrong_model_channels_and_index():
         make_sampler("iddpm", 5).step(eps, 0, sample)
     with pytest.raises(ValueError, match="step index"):
         make_sampler("ddim", 5).step(eps, 5, sample)
+
+
+# ---------------------------------------------------------------------------------- LCM (PixArt-δ)
+
+def lcm_scheduler():
+    """diffusers' LCMScheduler with its defaults on PixArt's linear schedule (PixArt-LCM's config)."""
+    from diffusers import LCMScheduler
+    return LCMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                        prediction_type="epsilon", original_inference_steps=50, timestep_scaling=10.0)
+
+
+@pytest.mark.parametrize("sampling_steps", [1, 2, 3, 4, 8, 50])
+def test_lcm_timesteps_match_diffusers(sampling_steps):
+    reference = lcm_scheduler()
+    reference.set_timesteps(sampling_steps)
+    np.testing.assert_array_equal(make_sampler("lcm", sampling_steps).timesteps, reference.timesteps.numpy())
+
+
+@pytest.mark.parametrize("sampling_steps", [1, 2, 4, 8])
+def test_lcm_steps_match_diffusers_with_the_same_noise(sampling_steps):
+    """A whole chain: the model is a fixed function of the sample, the step noise is the same
+    torch.randn stream on both sides; each step is compared from the same inputs."""
+    reference = lcm_scheduler()
+    reference.set_timesteps(sampling_steps)
+    ours_noise, theirs_noise = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    sampler = make_sampler("lcm", sampling_steps, noise=lambda shape: torch.randn(shape, generator=ours_noise).numpy())
+    rng = np.random.default_rng(sampling_steps)
+    sample = rng.standard_normal(SHAPE).astype(np.float32)
+    worst = 0.0
+    for index, t in enumerate(reference.timesteps):
+        eps = (np.tanh(sample) * 0.9 + 0.1 * rng.standard_normal(SHAPE)).astype(np.float32)
+        expected = reference.step(torch.from_numpy(eps), t, torch.from_numpy(sample), generator=theirs_noise,
+                                  return_dict=False)[0].numpy()
+        ours = sampler.step(eps, index, sample)
+        worst = max(worst, max_rel_diff(ours, expected))
+        sample = expected
+    assert worst <= 1e-6, worst
+    print(f"lcm {sampling_steps} steps: max relative difference {worst:.2e}")
+
+
+def test_lcm_boundary_condition():
+    from pixart.diffusion.samplers import LCMSampler
+
+    c_skip, c_out = LCMSampler.boundary_scalings(0)
+    assert c_skip == 1.0 and c_out == 0.0  # at t = 0 the consistency function is the identity
+    c_skip, c_out = LCMSampler.boundary_scalings(999)
+    np.testing.assert_allclose([c_skip, c_out], [0.25 / (9990 ** 2 + 0.25), 9990 / (9990 ** 2 + 0.25) ** 0.5],
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="at most 50"):
+        make_sampler("lcm", 51)

@@ -42,7 +42,7 @@ def inputs(batch=2, seed=1):
 def test_registry_lists_every_sampler_with_its_declaration():
     from pixart.diffusion.samplers import SAMPLERS, make_sampler
 
-    assert list(SAMPLERS) == ["dpm", "ddim", "iddpm"]
+    assert list(SAMPLERS) == ["dpm", "ddim", "iddpm", "lcm"]
     for name, cls in SAMPLERS.items():
         assert cls.name == name and cls.description and cls.default_steps >= 1
         sampler = make_sampler(name, 5, noise=np.random.default_rng(0))

@@ -106,7 +106,9 @@ def base_checkpoint(workspace):
 
 
 def kind_args(kind, base):
-    return ["--checkpoint", base, "--lora_rank", "4", "--lora_alpha", "8"] if kind == "lora" else []
+    """Flags of a full finetune, a LoRA finetune, or an LCM distillation of the base."""
+    return {"full": [], "lora": ["--checkpoint", base, "--lora_rank", "4", "--lora_alpha", "8"],
+            "lcm": ["--checkpoint", base, "--objective", "lcm", "--ema_decay", "0.95", "--class_dropout_prob", "0"]}[kind]
 
 
 def max_diff(a, b):
@@ -161,7 +163,7 @@ def test_kill_and_resume_matches_uninterrupted(workspace, base_checkpoint, tmp_p
     assert len(os.listdir(interrupted / "checkpoints")) == 2  # keep_last
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("kind", ["full", "lora", "lcm"])
 def test_two_workers_match_one_process(workspace, base_checkpoint, tmp_path, kind):
     single, parallel = tmp_path / "single", tmp_path / "parallel"
     common = ["--feature_cache", workspace["cache"], "--max_steps", "4", "--ckpt_every", "4",
@@ -289,5 +291,5 @@ def test_train_configs_parse(name):
     spec = cfg.lora_spec()
     assert ("lora" in name) == (spec is not None)
     if spec:
-        assert spec.r == 16 and spec.rank_and_scale("transformer_blocks.0.attn1.to_q") == (16, 1.0)
+        assert spec.rank_and_scale("transformer_blocks.0.attn1.to_q") == (cfg.lora_rank, 1.0)
         assert cfg.checkpoint.startswith("models/")

@@ -92,7 +92,7 @@ class IDDPMLoss(nn.Cell):
         self.log_betas = table(schedule.log_betas)
 
     @staticmethod
-    def _extract(values: Tensor, t: Tensor, ndim: int) -> Tensor:
+    def extract(values: Tensor, t: Tensor, ndim: int) -> Tensor:
         """``values[t]`` for a batch of timesteps t (B,), shaped (B, 1, ..., 1) with ``ndim`` dims."""
         return ops.gather(values, t, 0).reshape((-1,) + (1,) * (ndim - 1))
 
@@ -100,16 +100,16 @@ class IDDPMLoss(nn.Cell):
         """Sample x_t ~ q(x_t | x_0): sqrt(abar_t) x_start + sqrt(1 - abar_t) noise, all (B, C, H, W)."""
         n = x_start.ndim
         return (
-            self._extract(self.sqrt_alphas_cumprod, t, n) * x_start
-            + self._extract(self.sqrt_one_minus_alphas_cumprod, t, n) * noise
+            self.extract(self.sqrt_alphas_cumprod, t, n) * x_start
+            + self.extract(self.sqrt_one_minus_alphas_cumprod, t, n) * noise
         )
 
     def _posterior_mean(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Mean of q(x_{t-1} | x_t, x_0)."""
         n = x_t.ndim
         return (
-            self._extract(self.posterior_mean_coef1, t, n) * x_start
-            + self._extract(self.posterior_mean_coef2, t, n) * x_t
+            self.extract(self.posterior_mean_coef1, t, n) * x_start
+            + self.extract(self.posterior_mean_coef2, t, n) * x_t
         )
 
     def construct(
@@ -134,18 +134,18 @@ class IDDPMLoss(nn.Cell):
 
         x_t = self.q_sample(x_start, t, noise)
         true_mean = self._posterior_mean(x_start, x_t, t)
-        posterior_log_variance = self._extract(self.posterior_log_variance_clipped, t, n)
+        posterior_log_variance = self.extract(self.posterior_log_variance_clipped, t, n)
 
         frozen_eps = ops.stop_gradient(eps_pred)
         pred_x_start = (
-            self._extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t
-            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, n) * frozen_eps
+            self.extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t
+            - self.extract(self.sqrt_recipm1_alphas_cumprod, t, n) * frozen_eps
         )
         model_mean = self._posterior_mean(pred_x_start, x_t, t)
         # learned_range: v = -1 gives the clipped posterior variance, v = 1 gives beta_t.
         frac = (var_values + 1.0) / 2.0
         model_log_variance = (
-            frac * self._extract(self.log_betas, t, n) + (1.0 - frac) * posterior_log_variance
+            frac * self.extract(self.log_betas, t, n) + (1.0 - frac) * posterior_log_variance
         )
 
         kl = normal_kl(true_mean, posterior_log_variance, model_mean, model_log_variance)

@@ -16,7 +16,7 @@ take the first C (eps), IDDPM takes all 2C.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Type, Union
+from typing import Callable, Dict, Optional, Tuple, Type, Union
 
 import numpy as np
 
@@ -44,6 +44,17 @@ def _rounded(fn, x):
 
 
 SAMPLERS: Dict[str, Type["Sampler"]] = {}
+
+
+def noise_function(noise: Optional[NoiseSource]) -> Callable[[tuple], np.ndarray]:
+    """``shape -> float32 standard normal array`` from a seeded Generator, a callable, or None
+    (a fresh unseeded generator): where a stochastic sampler draws its step noise."""
+    if noise is None:
+        noise = np.random.default_rng()
+    if isinstance(noise, np.random.Generator):
+        generator = noise
+        return lambda shape: generator.standard_normal(shape, dtype=np.float32)
+    return noise
 
 
 def register_sampler(cls: Type["Sampler"]) -> Type["Sampler"]:
@@ -256,12 +267,7 @@ class IDDPMSampler(_RespacedSampler):
 
     def __init__(self, sampling_steps: int, noise: Optional[NoiseSource] = None):
         super().__init__(sampling_steps)
-        if noise is None:
-            noise = np.random.default_rng()
-        if isinstance(noise, np.random.Generator):
-            generator = noise
-            noise = lambda shape: generator.standard_normal(shape, dtype=np.float32)  # noqa: E731
-        self._noise = noise
+        self._noise = noise_function(noise)
 
     def step(self, model_output, index, sample):
         model_output, sample = self._inputs(model_output, index, sample)
@@ -279,6 +285,66 @@ class IDDPMSampler(_RespacedSampler):
         )
         z = np.asarray(self._noise(sample.shape), dtype=np.float32)
         return mean + np.exp(_HALF * log_variance) * z
+
+
+@register_sampler
+class LCMSampler(Sampler):
+    """Latent Consistency Model sampling (PixArt-δ), as diffusers' ``LCMScheduler`` with its
+    defaults on PixArt's linear schedule: for LCM-distilled models, 1 to 8 steps.
+
+    Timesteps: the 50 "origin" steps [999, 979, ..., 19] of the distillation, of which
+    ``floor(linspace(0, 50, n, endpoint=False))`` are taken (4 steps: 999, 759, 499, 259). Each
+    step predicts x0 from eps and applies the consistency boundary condition (sigma_data 0.5,
+    timesteps scaled by 10)::
+
+        c_skip = 0.25 / ((10 t)^2 + 0.25),   c_out = 10 t / sqrt((10 t)^2 + 0.25)
+        denoised = c_out x0 + c_skip x
+        x_prev   = sqrt(abar_prev) denoised + sqrt(1 - abar_prev) z,   z ~ N(0, I), none after the last step
+
+    Float32 throughout, on diffusers' float32 schedule, as its torch tensors compute it. Takes
+    eps only (C channels).
+    """
+
+    name = "lcm"
+    description = "Latent Consistency Model (PixArt-δ): 1-8 steps, for LCM-distilled models"
+    stochastic = True
+    default_steps = 4
+    ORIGINAL_STEPS = 50          # the distillation's skipped-step schedule
+    TIMESTEP_SCALING = 10
+    SIGMA_DATA = 0.5
+
+    def __init__(self, sampling_steps: int, noise: Optional[NoiseSource] = None):
+        sampling_steps = check_sampling_steps(sampling_steps)
+        if sampling_steps > self.ORIGINAL_STEPS:
+            raise InputError(f"LCM takes at most {self.ORIGINAL_STEPS} steps (its distillation schedule), "
+                             f"got {sampling_steps}")
+        skip = NUM_TRAIN_TIMESTEPS // self.ORIGINAL_STEPS
+        origin = (np.arange(1, self.ORIGINAL_STEPS + 1) * skip - 1)[::-1]
+        picked = np.floor(np.linspace(0, self.ORIGINAL_STEPS, sampling_steps, endpoint=False)).astype(np.int64)
+        self.timesteps = origin[picked].astype(np.int64)
+        self._alphas_cumprod = diffusers_alphas_cumprod()
+        self._noise = noise_function(noise)
+
+    @classmethod
+    def boundary_scalings(cls, t: int) -> Tuple[np.float32, np.float32]:
+        """(c_skip, c_out) at timestep t, in float32 as LCMScheduler computes them from a timestep tensor."""
+        scaled = t * cls.TIMESTEP_SCALING
+        sigma2 = _F32(cls.SIGMA_DATA ** 2)
+        denominator = _F32(scaled * scaled) + sigma2
+        return sigma2 / denominator, _F32(scaled) / np.sqrt(denominator)
+
+    def step(self, model_output, index, sample):
+        eps, sample = self._inputs(model_output, index, sample)
+        t = int(self.timesteps[index])
+        alpha = self._alphas_cumprod[t]
+        x0 = (sample - np.sqrt(_ONE - alpha) * eps) / np.sqrt(alpha)
+        c_skip, c_out = self.boundary_scalings(t)
+        denoised = c_out * x0 + c_skip * sample
+        if index == self.sampling_steps - 1:
+            return denoised
+        alpha_prev = self._alphas_cumprod[int(self.timesteps[index + 1])]
+        z = np.asarray(self._noise(sample.shape), dtype=np.float32)
+        return np.sqrt(alpha_prev) * denoised + np.sqrt(_ONE - alpha_prev) * z
 
 
 def make_sampler(name: str, sampling_steps: int, noise: Optional[NoiseSource] = None) -> Sampler:

@@ -62,6 +62,15 @@ class TrainConfig:
                                                              "default: the official PixArt LoRA list", "lora")
     use_rslora: bool = option(False, "rank-stabilised LoRA: scale alpha / sqrt(rank)", "lora")
     lora_dropout: float = option(0.0, "dropout on the adapters' input while training", "lora")
+    # objective
+    objective: str = option("diffusion", "diffusion: the IDDPM loss PixArt is trained with; lcm: latent consistency "
+                                         "distillation of --checkpoint (PixArt-δ) into a few-step model (the EMA, "
+                                         "--ema_decay 0.95, is the target network; with --lora_rank an LCM-LoRA)",
+                            "objective", choices=("diffusion", "lcm"))
+    lcm_guidance: float = option(4.5, "LCM: the teacher's fixed classifier-free guidance w", "objective")
+    lcm_loss: str = option("huber", "LCM: pseudo-Huber or squared distance between student and target", "objective",
+                           choices=("huber", "l2"))
+    lcm_huber_c: float = option(1e-3, "LCM: the pseudo-Huber constant c", "objective")
     # optimization
     optimizer: str = option("came", "optimizer", "optimization", choices=("came", "adamw"))
     lr: float = option(2e-5, "learning rate after warm-up", "optimization")
@@ -121,6 +130,12 @@ class TrainConfig:
             raise ConfigError(f"--lora_rank must be 0 (off) or positive, got {self.lora_rank}")
         if self.lora_rank and not self.checkpoint:
             raise ConfigError("a LoRA adapts given weights: --checkpoint (the base model) is required with --lora_rank")
+        if self.objective == "lcm":
+            if not self.checkpoint:
+                raise ConfigError("LCM distillation needs the model to distill: --checkpoint (the teacher)")
+            if not self.lora_rank and self.ema_decay <= 0:
+                raise ConfigError("LCM distillation keeps its target network as the EMA of the student: set "
+                                  "--ema_decay (0.95 in PixArt-δ)")
         self.lora_spec()
 
     def lora_spec(self) -> Optional[LoraSpec]:

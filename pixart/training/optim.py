@@ -400,14 +400,21 @@ class EMA(nn.Cell):
     model's own parameter names.
     """
 
-    def __init__(self, params: Iterable[Parameter], decay: float = 0.9999):
+    def __init__(self, params: Iterable[Parameter], decay: float = 0.9999,
+                 averages: Optional[Sequence[Parameter]] = None):
+        """``averages``: existing Parameters to keep the averages in, one per param and shaped
+        alike (e.g. the weights of a target network that the average drives); default: new ones."""
         super().__init__()
         params = _check_params(params, "EMA")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = (float(decay), 1.0 - float(decay))
         self.params = ParameterTuple(params)
-        self.averages = ParameterTuple(_state(f"ema.{p.name}", p.asnumpy().copy()) for p in params)
+        if averages is None:
+            averages = [_state(f"ema.{p.name}", p.asnumpy().copy()) for p in params]
+        elif [tuple(a.shape) for a in averages] != [tuple(p.shape) for p in params]:
+            raise ValueError("EMA: the given averages are not shaped as the parameters")
+        self.averages = ParameterTuple(averages)
 
     def construct(self):
         return _hyper_map(ops.partial(_ema_update, self.decay), self.averages, self.params)

@@ -1,8 +1,8 @@
 """The compiled training step.
 
-``update`` = forward (q_sample, transformer, IDDPM loss) + backward + all-reduce of the
-gradients across ranks + clipping by global norm + optimizer + EMA, as one graph per
-input shape (one per bucket). With gradient accumulation, ``accumulate`` runs forward and
+``update`` = the objective's loss (by default the IDDPM loss of the transformer's prediction)
++ backward + all-reduce of the gradients across ranks + clipping by global norm + optimizer +
+EMA, as one graph per input shape (one per bucket). With gradient accumulation, ``accumulate`` runs forward and
 backward of the other micro-batches and adds their gradients to buffers that ``update``
 consumes. fp16 scales the loss dynamically and skips steps whose gradients overflow.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from pixart.diffusion.losses import IDDPMLoss
+from pixart.diffusion.objectives import DiffusionObjective
 from pixart.models.pixart import Conditioning
 from pixart.training.optim import EMA, clip_grad_norm
 
@@ -43,7 +43,11 @@ class TrainStep:
     Args:
         model: the transformer, called as ``model(x_t, t, conditioning)``.
         optimizer: a ``pixart.training.optim`` optimizer over the trained parameters.
+        objective: what the step minimises (``pixart.diffusion.objectives``; default: the IDDPM
+            loss of ``model``).
         ema_decay: EMA of the trained parameters (0: none).
+        ema_into: Parameters to keep the EMA in, one per trained parameter (a target network's);
+            default: new ones.
         grad_clip: max global gradient norm (0: no clipping).
         grad_accumulation: micro-batches per update (``accumulate`` runs the others).
         loss_scale: initial dynamic loss scale for fp16 (None: no loss scaling).
@@ -51,14 +55,15 @@ class TrainStep:
         compiled: compile each step with ``ms.jit`` (False: eager, for debugging).
     """
 
-    def __init__(self, model, optimizer, ema_decay: float = 0.0, grad_clip: float = 0.0,
-                 grad_accumulation: int = 1, loss_scale: Optional[float] = None, world: int = 1,
-                 compiled: bool = True):
+    def __init__(self, model, optimizer, objective=None, ema_decay: float = 0.0, ema_into=None,
+                 grad_clip: float = 0.0, grad_accumulation: int = 1, loss_scale: Optional[float] = None,
+                 world: int = 1, compiled: bool = True):
         self.model = model
-        self.loss_fn = IDDPMLoss()
+        self.objective = objective or DiffusionObjective(model)
+        self.metric_names = ("loss",) + self.objective.metric_names
         self.optimizer = optimizer
         self.params = list(optimizer.params)
-        self.ema = EMA(self.params, ema_decay) if ema_decay > 0 else None
+        self.ema = EMA(self.params, ema_decay, ema_into) if ema_decay > 0 else None
         self.grad_clip = float(grad_clip) if grad_clip > 0 else float("inf")
         self.accumulation = int(grad_accumulation)
         if self.accumulation > 1:
@@ -77,20 +82,17 @@ class TrainStep:
 
     # ---------------------------------------------------------------- graph bodies
     def _scaled_loss(self, x0, t, noise, *cond):
-        x_t = self.loss_fn.q_sample(x0, t, noise)
-        out = self.model(x_t, t, cond)
-        loss, mse, vb = self.loss_fn(x0, t, noise, out)
-        loss, mse, vb = loss.mean(), mse.mean(), vb.mean()
+        loss, *metrics = self.objective(x0, t, noise, cond)
         scaled = loss if self.loss_scaler is None else self.loss_scaler.scale(loss)
-        return scaled, loss, mse, vb
+        return (scaled, loss, *metrics)
 
     def _accumulate_graph(self, *batch):
-        (_, loss, mse, vb), grads = self.grad_fn(*batch)
+        (_, loss, *metrics), grads = self.grad_fn(*batch)
         loss = ops.depend(loss, self.hyper_map(_add_into, self.accum, grads))
-        return loss, mse, vb
+        return (loss, *metrics)
 
     def _update_graph(self, lr, *batch):
-        (_, loss, mse, vb), grads = self.grad_fn(*batch)
+        (_, loss, *metrics), grads = self.grad_fn(*batch)
         if self.accumulation > 1:
             grads = self.hyper_map(ops.partial(_mean_and_clear, float(self.accumulation)), self.accum, grads)
         if self.reducer is not None:
@@ -106,7 +108,7 @@ class TrainStep:
                 loss = ops.depend(loss, self.ema())
         if self.loss_scaler is not None:
             loss = ops.depend(loss, self.loss_scaler.adjust(finite))
-        return loss, mse, vb, norm
+        return (loss, *metrics, norm)
 
     # ---------------------------------------------------------------- host side
     @staticmethod
@@ -114,14 +116,15 @@ class TrainStep:
         return [None if inputs.get(k) is None else Tensor(inputs[k]) for k in INPUT_ORDER]
 
     def accumulate(self, inputs: Dict[str, np.ndarray]) -> Dict[str, float]:
-        loss, mse, vb = self._accumulate(*self._tensors(inputs))
-        return {"loss": float(loss.asnumpy()), "mse": float(mse.asnumpy()), "vb": float(vb.asnumpy()),
-                "grad_norm": float("nan"), "loss_scale": self.loss_scale}
+        values = self._accumulate(*self._tensors(inputs))
+        return {**self._named(values), "grad_norm": float("nan"), "loss_scale": self.loss_scale}
 
     def update(self, inputs: Dict[str, np.ndarray], lr: float) -> Dict[str, float]:
-        loss, mse, vb, norm = self._update(Tensor(np.float32(lr)), *self._tensors(inputs))
-        return {"loss": float(loss.asnumpy()), "mse": float(mse.asnumpy()), "vb": float(vb.asnumpy()),
-                "grad_norm": float(norm.asnumpy()), "loss_scale": self.loss_scale}
+        *values, norm = self._update(Tensor(np.float32(lr)), *self._tensors(inputs))
+        return {**self._named(values), "grad_norm": float(norm.asnumpy()), "loss_scale": self.loss_scale}
+
+    def _named(self, values) -> Dict[str, float]:
+        return {name: float(v.asnumpy()) for name, v in zip(self.metric_names, values)}
 
     @property
     def loss_scale(self) -> float:

@@ -16,7 +16,6 @@ from typing import Iterable, Iterator, Optional, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from pixart.diffusion.schedule import NUM_TRAIN_TIMESTEPS
 from pixart.errors import ConfigError, TrainingError
 from pixart.training.checkpoints import prepare_output
 from pixart.training.config import TrainConfig
@@ -120,10 +119,42 @@ class Trainer:
         self.lr = auto_scale_lr(cfg.lr, self.global_batch * cfg.grad_accumulation,
                                 None if cfg.auto_lr == "none" else cfg.auto_lr)
         optimizer = make_optimizer(cfg.optimizer, params, **cfg.optimizer_kwargs)
-        self.step = TrainStep(self.model, optimizer, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
-                              grad_accumulation=cfg.grad_accumulation,
+        objective, ema_into = self._objective(params)
+        self.step = TrainStep(self.model, optimizer, objective, ema_decay=cfg.ema_decay, ema_into=ema_into,
+                              grad_clip=cfg.grad_clip, grad_accumulation=cfg.grad_accumulation,
                               loss_scale=cfg.loss_scale if cfg.dtype == "fp16" else None, world=self.world,
                               compiled=cfg.mode == "graph")
+
+    def _objective(self, params):
+        """(the objective, the Parameters the EMA is kept in or None). LCM distillation adds a
+        frozen teacher and, for a full distillation, a target network that is the student's EMA."""
+        from pixart.diffusion.objectives import DiffusionObjective, LCMObjective
+
+        cfg = self.cfg
+        if cfg.objective == "diffusion":
+            return DiffusionObjective(self.model), None
+        self.teacher = self._frozen_copy("teacher")
+        target, ema_into = self.model, None
+        if not self.lora_cells:  # full distillation: the EMA of the student is the target network
+            target = self._frozen_copy("target")
+            by_name = {p.name[len("target."):]: p for p in target.get_parameters()}
+            ema_into = [by_name[p.name] for p in params]
+        return LCMObjective(self.model, self.teacher, target, cfg.lcm_guidance, cfg.lcm_loss, cfg.lcm_huber_c), ema_into
+
+    def _frozen_copy(self, role: str):
+        """Another model of the same architecture, its parameters frozen and named ``<role>.*``
+        (names must be unique in a compiled graph); weights are loaded in ``_restore``."""
+        import mindspore as ms
+
+        from pixart.models.pixart import build_model
+        from pixart.runtime import compute_dtype
+
+        model = build_model(self.config, dtype=compute_dtype(self.cfg.dtype, ms.get_context("device_target")))
+        for p in model.get_parameters():
+            p.name = f"{role}.{p.name}"
+            p.requires_grad = False
+        model.set_train(False)
+        return model
 
     def _restore(self) -> int:
         """Load the base weights and a checkpoint to resume from; returns the step to start at."""
@@ -136,8 +167,11 @@ class Trainer:
         cfg = self.cfg
         ckpt = load_resumable(cfg.resume, cfg.output_path) if cfg.resume else None
         adapter_names = [p.name for p in self.step.params] if self.lora_cells else []
-        if cfg.checkpoint and (self.lora_cells or not ckpt):  # a LoRA checkpoint holds the adapter alone
-            load_weights(self.model, read_source(cfg.checkpoint)[0], cfg.checkpoint, optional=adapter_names)
+        base = read_source(cfg.checkpoint)[0] if cfg.checkpoint else None
+        if base is not None and (self.lora_cells or not ckpt):  # a LoRA checkpoint holds the adapter alone
+            load_weights(self.model, base, cfg.checkpoint, optional=adapter_names)
+        if cfg.objective == "lcm":  # the teacher is always the model being distilled
+            load_weights(self.teacher, base, cfg.checkpoint)
         if ckpt:
             if self.lora_cells:
                 if ckpt["adapter"] is None:
@@ -197,7 +231,7 @@ class Trainer:
         g = self.global_batch
         shape = (g,) + mean.shape[1:]
         rng = np.random.default_rng([self.cfg.seed, index])
-        t = rng.integers(0, NUM_TRAIN_TIMESTEPS, size=g)[rows].astype(np.int32)
+        t = self.step.objective.draw_timesteps(rng, g)[rows].astype(np.int32)
         noise = rng.standard_normal(shape, dtype=np.float32)[rows]
         posterior_noise = rng.standard_normal(shape, dtype=np.float32)[rows]
         drop = (rng.random(g) < self.cfg.class_dropout_prob)[rows]
@@ -221,7 +255,7 @@ class Trainer:
         batches = self.micro_batches(self.start_step * accumulation)
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc="train",
                    disable=not (self.is_main and cfg.progress))
-        window = {"loss": [], "mse": [], "vb": [], "grad_norm": []}
+        window = {key: [] for key in self.step.metric_names + ("grad_norm",)}
         window_start, window_images = time.perf_counter(), 0
         step = self.start_step
         if self.is_main:

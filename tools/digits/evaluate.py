@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from tools.digits.data import digit_in_prompt, load_digit_images
+from tools.digits.bold import ink_coverage
 from tools.digits.classifier import load_classifier, predict, save_classifier, train_classifier
 from pixart.errors import ModelLoadError
 from pixart.utils.fid import compute_statistics, frechet_distance
@@ -129,6 +130,7 @@ def main(argv=None) -> int:
     predicted, features = predict(model, images)
     report = adherence(predicted, wanted)
     report["skipped"] = skipped
+    report["ink_coverage"] = ink_coverage(images)
     real_features = predict(model, load_digit_images(os.path.join(args.data_dir, "train.json"))[0])[1]
     try:
         report["frechet"] = frechet_report(features, real_features, args.seed)
@@ -142,6 +144,7 @@ def main(argv=None) -> int:
           (f" (the classifier recognises {ceiling:.1%} of real digits it never saw)" if ceiling else ""))
     for d, r in report["per_digit"].items():
         print(f"  {d}: {r['adherence']:6.1%} of {r['n']}")
+    print(f"ink coverage (pixels >= 128, the stroke-weight metric): {report['ink_coverage']:.3f}")
     if "frechet" in report:
         fr = report["frechet"]
         print(f"Fréchet distance (classifier features) to {fr['reference_n']} real digits: generated "

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""LoRA train step: ours (compiled) against diffusers + peft + torch AdamW, and against our own
+full finetune step, with peak memory.
+
+XL/2 width (hidden 1152, 16 heads), 256px, batch 2, fp32, ``--depth`` of the 28 blocks (the
+compiled full-finetune step needs about 1.7 GB per block on CPU). LoRA: rank 16, alpha 16, the
+official PixArt target list (every linear and the patch-embedding conv). One optimizer step =
+forward, the loss, backward, gradient clipping, AdamW over the trained parameters. Each run in
+its own process, same machine, one after another; median of the steps after the first two.
+
+    python benchmarks/bench_lora.py                 # depth 4, 6 steps each
+    python benchmarks/bench_lora.py --depth 28 --steps 4
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RANK = 16
+
+
+def torch_lora_step_times(steps, depth):
+    """diffusers PixArtTransformer2DModel + peft LoRA + torch AdamW over the adapter."""
+    import torch
+    from diffusers import PixArtTransformer2DModel
+    from peft import LoraConfig, get_peft_model
+
+    from benchmarks.bench_train import XL, batch
+    from pixart.models.lora_spec import OFFICIAL_TARGETS
+
+    torch.set_num_threads(os.cpu_count())
+    model = PixArtTransformer2DModel(**{**XL, "num_layers": depth})
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(OFFICIAL_TARGETS))).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    b = {k: torch.from_numpy(v) for k, v in batch().items()}
+    alphas = torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))).float()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        a = alphas[b["t"].long()].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * b["x0"] + (1 - a).sqrt() * b["noise"]
+        out = model(x_t, encoder_hidden_states=b["caption"], encoder_attention_mask=b["caption_mask"],
+                    timestep=b["t"], added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                    return_dict=False)[0]
+        loss = ((out[:, :4] - b["noise"]) ** 2).mean() + out[:, 4:].square().mean() * 1e-3
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def ours_step_times(steps, depth, lora):
+    """Our compiled train step: AdamW over the LoRA adapters (frozen base), or over every weight."""
+    import mindspore as ms
+
+    from benchmarks.bench_train import batch
+    from pixart.models.lora import attach_lora, lora_parameters
+    from pixart.models.lora_spec import LoraSpec
+    from pixart.models.pixart import PixArtConfig, build_model
+    from pixart.training.optim import make_optimizer
+    from pixart.training.train_step import TrainStep
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.set_device("CPU")
+    model = build_model(PixArtConfig(input_size=32, pe_interpolation=0.5, multi_scale=False, depth=depth))
+    if lora:
+        params = lora_parameters(attach_lora(model, LoraSpec(r=RANK, lora_alpha=RANK)))
+        for p in model.trainable_params():
+            p.requires_grad = p.name in {q.name for q in params}
+    else:
+        params = model.trainable_params()
+    step = TrainStep(model, make_optimizer("adamw", params, lr=1e-4), grad_clip=1.0)
+    b = batch()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step.update(b, 1e-4)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6, help="steps per measurement")
+    ap.add_argument("--depth", type=int, default=4, help="transformer blocks (28: the real XL/2)")
+    args = ap.parse_args()
+    from benchmarks.machine import cpu_description
+
+    runs = [("PyTorch: diffusers + peft LoRA + torch AdamW", f"torch_lora_step_times({args.steps}, {args.depth})"),
+            ("ours, graph, LoRA", f"ours_step_times({args.steps}, {args.depth}, True)"),
+            ("ours, graph, full finetune", f"ours_step_times({args.steps}, {args.depth}, False)")]
+    rows = []
+    for name, code in runs:
+        out = subprocess.run([sys.executable, "-c", f"import json; from benchmarks.bench_lora import *; "
+                              f"from benchmarks.bench_train import peak_rss_gb; times = {code}; "
+                              f"print('RESULT', json.dumps([times, peak_rss_gb()]))"],
+                             cwd=ROOT, capture_output=True, text=True)
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
+        if not line:
+            why = "killed (out of memory)" if out.returncode in (-9, 137) else f"failed, exit {out.returncode}"
+            print(f"{name}: {why}\n{out.stderr[-1500:]}")
+            rows.append((name, None, None, None))
+            continue
+        times, rss = json.loads(line[0][7:])
+        rows.append((name, times[0], statistics.median(times[2:] or times[1:]), rss))
+    base = rows[0][2]
+    print(f"\nLoRA train step (rank {RANK}, official targets), XL/2 width, {args.depth} blocks, 256px, batch 2, "
+          f"fp32, {cpu_description()}; median of steps 3..{args.steps}")
+    print("| implementation | first step incl. compile (s) | step (s) | ratio to PyTorch LoRA | peak RSS (GiB) |")
+    print("|---|---|---|---|---|")
+    for name, first, med, rss in rows:
+        if med is None:
+            print(f"| {name} | — | did not run (see above) | — | — |")
+        else:
+            print(f"| {name} | {first:.1f} | {med:.2f} | {med / base:.2f} | {rss:.1f} |" if base else
+                  f"| {name} | {first:.1f} | {med:.2f} | — | {rss:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
