@@ -132,6 +132,21 @@ def form_fields(gr, generator, args):
                                 step=limits.step, label="Height", elem_id="height")
     f["num_images"] = gr.Slider(1, generator.max_images, value=1, step=1, label="Number of images",
                                 elem_id="num_images")
+    if hasattr(generator.pipeline.transformer, "controlnet"):  # a ControlNet model: its control image
+        with gr.Row():
+            f["control_image"] = gr.Image(value=args.control_image, type="numpy", label="Control image (edge map, "
+                                          "white on black)",
+                                          image_mode="RGB", elem_id="control_image")
+            with gr.Column():
+                f["control_preprocess"] = gr.Radio(["none", "canny"], value=args.control_preprocess,
+                                                   label="Preprocess", elem_id="control_preprocess",
+                                                   info="canny: edges from a photo (the model was trained on HED "
+                                                        "edges: a ready edge map works best)")
+                f["control_strength"] = gr.Slider(0, 2, value=args.control_strength, step=0.05,
+                                                  label="Control strength", elem_id="control_strength")
+    else:
+        f["control_image"], f["control_preprocess"], f["control_strength"] = (gr.State(None), gr.State("none"),
+                                                                              gr.State(1.0))
     if generator.loras:  # merged into the weights; a new strength re-merges them once, exactly
         f["lora"] = gr.Slider(0, MAX_LORA_STRENGTH, value=1.0, step=0.05, label="LoRA strength", elem_id="lora",
                               info=f"times the --lora_scale of {', '.join(generator.loras.names)}; 0: the base model")
@@ -140,13 +155,15 @@ def form_fields(gr, generator, args):
     return f
 
 
-def result_fields(gr):
-    """The output widgets: gallery, seed used, info line."""
+def result_fields(gr, generator):
+    """The output widgets: gallery, seed used, info line (and the edge map followed, for a ControlNet)."""
     gallery = gr.Gallery(label="Images", columns=2, height=600, object_fit="contain", elem_id="gallery")
     seed_used = gr.Number(label="Seed used (image k used seed + k)", precision=0, interactive=False,
                           elem_id="seed_used")
     info = gr.Textbox(label="Info", interactive=False, elem_id="info")
-    return [gallery, seed_used, info]
+    controlled = hasattr(generator.pipeline.transformer, "controlnet")
+    edges = gr.Image(label="Edge map followed", interactive=False, elem_id="edges", visible=controlled)
+    return [gallery, seed_used, info, edges]
 
 
 def build_page(generator, args):
@@ -159,16 +176,17 @@ def build_page(generator, args):
     ratios = generator.aspect_ratios()
 
     def generate(prompt, negative_prompt, sampler, steps, guidance, seed, randomize, width, height, num_images,
-                 lora_strength, progress=gr.Progress()):
+                 lora_strength, control_image, control_preprocess, control_strength, progress=gr.Progress()):
         request = Request(prompt=prompt, negative_prompt=negative_prompt or "", sampling_method=sampler,
                           sampling_steps=whole(steps), guidance_scale=guidance,
                           seed=None if randomize else whole(seed), height=whole(height), width=whole(width),
-                          num_images=whole(num_images), lora_strength=lora_strength)
+                          num_images=whole(num_images), lora_strength=lora_strength, control_image=control_image,
+                          control_preprocess=control_preprocess, control_strength=control_strength)
         try:
             result = generator.generate(request, on_progress=lambda fraction, what: progress(fraction, desc=what))
         except RequestError as e:
             raise gr.Error(str(e), print_exception=False) from None
-        return result.paths, result.seed, result.info
+        return result.paths, result.seed, result.info, result.control
 
     def pick_ratio(choice):
         if choice not in ratios:  # "custom": leave the sliders alone
@@ -187,13 +205,14 @@ def build_page(generator, args):
                 f = form_fields(gr, generator, args)
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
-                outputs = result_fields(gr)
+                outputs = result_fields(gr, generator)
         f["aspect"].change(pick_ratio, f["aspect"], [f["width"], f["height"]], queue=False)
         # choosing a sampler sets its usual step count (LCM: 4, IDDPM: 100); the slider stays free
         f["sampler"].input(lambda name: gr.update(value=min(SAMPLERS[name].default_steps, MAX_STEPS)), f["sampler"],
                            f["steps"], queue=False)
         inputs = [f[k] for k in ("prompt", "negative", "sampler", "steps", "guidance", "seed", "randomize", "width",
-                                 "height", "num_images", "lora")]
+                                 "height", "num_images", "lora", "control_image", "control_preprocess",
+                                 "control_strength")]
         gr.on([button.click, f["prompt"].submit], generate, inputs, outputs)
     # one request at a time: there is a single copy of the models; the others wait their turn in the queue
     page.queue(default_concurrency_limit=1, max_size=args.queue_size)

@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from pixart.cli import entry_point, parse_with_config
-from pixart.cli.inference import build_parser, load_transformer, lora_label, model_paths, read_prompts
+from pixart.cli.inference import (build_parser, load_transformer, lora_label, model_paths, read_control_image,
+                                  read_prompts)
 from pixart.errors import ConfigError
 
 
@@ -67,7 +68,7 @@ def load_pipeline(args, dtype):
     return pipeline
 
 
-def generate(args, pipeline, text, negative, jobs, seeds, latents):
+def generate(args, pipeline, text, negative, jobs, seeds, latents, control_image):
     """Every (prompt, trial) job in batches; yields (prompt, seed, image, generated size, s/step)."""
     from pixart.pipelines.text_to_image import split_batches
 
@@ -80,7 +81,8 @@ def generate(args, pipeline, text, negative, jobs, seeds, latents):
                           sampling_method=args.sampling_method, sampling_steps=args.sampling_steps,
                           guidance_scale=args.guidance_scale, seeds=seeds[part],
                           latents=None if latents is None else latents[part],
-                          use_resolution_binning=args.use_resolution_binning)
+                          use_resolution_binning=args.use_resolution_binning, control_image=control_image,
+                          control_strength=args.control_strength)
         for (prompt, _), seed, image in zip(jobs[part], seeds[part], result.images):
             yield prompt, seed, image, result.generated_size, result.seconds_per_step
 
@@ -92,6 +94,7 @@ def main(argv=None) -> int:
     prompts = read_prompts(args, parser)
     paths = model_paths(args)
     paths.check()
+    control_image = read_control_image(args)
 
     from pixart.pipelines.loading import check_parts_fit
     from pixart.runtime import compute_dtype, setup_device
@@ -115,10 +118,13 @@ def main(argv=None) -> int:
 
     images, per_step, gen_size = [], [], None
     for prompt, seed, image, gen_size, seconds_per_step in generate(args, pipeline, text, negative, jobs, seeds,
-                                                                      latents):
+                                                                      latents, control_image):
         meta = generation_metadata(prompt, args.negative_prompt, seed, args.sampling_method, args.sampling_steps,
                                    args.guidance_scale, args.checkpoint, (args.image_height, args.image_width),
                                    gen_size, lora_label(args))
+        if control_image is not None:
+            meta.update(controlnet=os.path.basename(args.controlnet), control_image=os.path.basename(args.control_image),
+                        control_strength=str(args.control_strength))
         path = save_png(image, args.output_path, slug(prompt), meta)
         images.append(image)
         per_step.append(seconds_per_step)

@@ -44,7 +44,7 @@ def batch(seed=0):
                 t=rng.integers(0, 1000, 2).astype(np.int32),
                 noise=rng.standard_normal((2, 4, 32, 32)).astype(np.float32),
                 drop_caption=np.zeros(2, bool), resolution=np.zeros((2, 2), np.float32),
-                aspect_ratio=np.ones((2, 1), np.float32))
+                aspect_ratio=np.ones((2, 1), np.float32), control=np.zeros((2, 1, 1, 1), np.float32))
 
 
 def peak_rss_gb() -> float:

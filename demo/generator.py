@@ -40,6 +40,9 @@ class Request:
     width: int = 1024
     num_images: int = 1
     lora_strength: float = 1.0      # multiplies every --lora_scale (0: the base model alone)
+    control_image: Optional[np.ndarray] = None   # (H, W, 3) uint8, for a ControlNet model
+    control_strength: float = 1.0
+    control_preprocess: str = "none"             # none: the image is an edge map; canny: make one
 
 
 @dataclasses.dataclass
@@ -63,6 +66,7 @@ class Generation:
     paths: List[str]                # the saved PNGs, in the same order
     seed: int                       # image k used seed + k
     info: str                       # one line for the page: sizes, timing, where saved
+    control: Optional[np.ndarray] = None  # the edge map the images followed (ControlNet models)
 
 
 class DemoGenerator:
@@ -120,6 +124,20 @@ class DemoGenerator:
             raise RequestError(f"Number of images must be from 1 to {self.max_images}, got {request.num_images}.")
         if not _is_number(request.lora_strength) or not 0 <= request.lora_strength <= MAX_LORA_STRENGTH:
             raise RequestError(f"LoRA strength must be between 0 and {MAX_LORA_STRENGTH:g}, got {request.lora_strength}.")
+        controlled = hasattr(self.pipeline.transformer, "controlnet")
+        if controlled and request.control_image is None:
+            raise RequestError("This model is steered by a control image: upload an edge map (or a photo with "
+                               "Canny edges).")
+        if request.control_image is not None:
+            if not controlled:
+                raise RequestError("This model has no ControlNet: a control image cannot steer it.")
+            image = request.control_image
+            if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or min(image.shape[:2]) < 1:
+                raise RequestError("The control image could not be read.")
+            if not _is_number(request.control_strength) or not 0 <= request.control_strength <= 2:
+                raise RequestError(f"Control strength must be between 0 and 2, got {request.control_strength}.")
+            if request.control_preprocess not in ("none", "canny"):
+                raise RequestError(f"Control preprocessing must be none or canny, got {request.control_preprocess!r}.")
         lim = self.size_limits
         for name, value in (("Width", request.width), ("Height", request.height)):
             if not _is_int(value) or not lim.minimum <= value <= lim.maximum or value % lim.step:
@@ -136,6 +154,7 @@ class DemoGenerator:
         seeds = image_seeds(n, request.seed)  # as sample.py: image k can be regenerated alone from seed + k
         seed = seeds[0]
         steps_label = f"{request.sampling_method}, {request.sampling_steps} steps"
+        control = self.control_edges(request)
         with self._lock:
             lora_label = self.loras.apply(request.lora_strength) if self.loras else ""
             report(0.0, "encoding the prompt")
@@ -148,7 +167,8 @@ class DemoGenerator:
                                        sampling_steps=request.sampling_steps,
                                        guidance_scale=request.guidance_scale, seeds=seeds,
                                        use_resolution_binning=self.use_resolution_binning, progress=False,
-                                       step_callback=lambda i, total: report(i / total, f"denoising ({steps_label})"))
+                                       step_callback=lambda i, total: report(i / total, f"denoising ({steps_label})"),
+                                       control_image=control, control_strength=request.control_strength)
             except InputError as e:  # the pipeline's own checks, e.g. a size the model cannot sample
                 raise RequestError(str(e)) from None
         gen_h, gen_w = result.generated_size
@@ -165,7 +185,21 @@ class DemoGenerator:
         info = (f"{n} image(s) of {request.height}x{request.width}, sampled at {gen_h}x{gen_w}{binned}; "
                 f"{steps_label}: {result.seconds_per_step:.3f} s/step, {result.total_seconds:.1f} s in all; "
                 f"{seeds_text}; saved as {saved}")
-        return Generation(list(result.images), paths, seed, info)
+        return Generation(list(result.images), paths, seed, info, control)
+
+    @staticmethod
+    def control_edges(request: Request) -> Optional[np.ndarray]:
+        """The request's control image as an (H, W, 3) uint8 edge map (Canny's when asked), or None."""
+        image = request.control_image
+        if image is None:
+            return None
+        image = np.asarray(image)
+        image = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+        image = image.astype(np.uint8)
+        if request.control_preprocess == "canny":
+            from pixart.utils.edges import canny
+            image = canny(image)
+        return image
 
 
 def _is_int(value) -> bool:

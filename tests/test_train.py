@@ -289,7 +289,28 @@ def test_train_configs_parse(name):
                                                 "--json_path", "x.json", "--image_dir", "."])
     cfg = TrainConfig.from_namespace(args)
     spec = cfg.lora_spec()
-    assert ("lora" in name) == (spec is not None)
+    assert spec is not None if "lora" in name else (spec is None) == (cfg.lora_rank == 0)
     if spec:
         assert spec.rank_and_scale("transformer_blocks.0.attn1.to_q") == (cfg.lora_rank, 1.0)
         assert cfg.checkpoint.startswith("models/")
+
+
+def test_controlnet_training_keeps_the_base_and_resumes(workspace, base_checkpoint, tmp_path):
+    """train.py --controlnet_blocks on Canny edges of the images (computed, no cache): only the
+    branch is trained and saved; a kill-free resume continues it; the branch starts as copies."""
+    from pixart.models.controlnet import load_control_pixart, read_controlnet
+    from pixart.models.pixart_checkpoint import load_pixart
+
+    out = tmp_path / "control"
+    common = ["--checkpoint", base_checkpoint, "--controlnet_blocks", "1", "--control_preprocess", "canny",
+              "--ckpt_every", "2", "--keep_last", "0", "--class_dropout_prob", "0.5"]
+    train(workspace, out, *common, "--max_steps", "2")
+    train(workspace, out, *common, "--max_steps", "3", "--resume", "latest")
+    folder = out / "checkpoints" / "step-00000003"
+    assert sorted(os.listdir(folder)) == ["controlnet.ckpt", "controlnet_ema.ckpt", "optimizer.ckpt", "state.json"]
+    control = read_controlnet(str(folder / "controlnet.ckpt"))
+    assert sorted({k.split(".")[1] for k in control}) == ["0"]
+    assert np.abs(control["controlnet.0.after_proj.weight"]).max() > 0  # trained away from zero
+    base, _ = load_pixart(str(base_checkpoint))
+    model = load_control_pixart(base, control)  # loads onto the unchanged base
+    assert not model.zero_projections()

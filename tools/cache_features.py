@@ -21,6 +21,19 @@ from pixart.cli.training import build_parser
 from pixart.training.config import TrainConfig, model_config
 
 
+def entry_complete(path: str, needs_control: bool) -> bool:
+    """Whether the cache entry at ``path`` exists (and holds control latents when they are needed)."""
+    if not os.path.isfile(path):
+        return False
+    if not needs_control:
+        return True
+    try:
+        with np.load(path) as data:
+            return "control_mean" in data.files
+    except (OSError, ValueError):
+        return False
+
+
 def batches_of_one_size(records, indices, batch_size: int):
     """``indices`` grouped by training size (a VAE batch needs one size), in chunks of ``batch_size``."""
     by_size = {}
@@ -47,20 +60,25 @@ def main(argv=None) -> int:
     if not args.feature_cache:
         fail("--feature_cache FOLDER is required: where to write the features")
     setup_device(args.device)
-    config = model_config(TrainConfig.from_namespace(args))
+    cfg = TrainConfig.from_namespace(args)
+    config = model_config(cfg)
     encoder = FeatureEncoder.from_folders(args.vae_root, args.tokenizer_root, args.text_encoder_root,
                                           config.model_max_length)
     dataset = TrainDataset(args.json_path, args.image_dir, args.image_size, multi_scale=args.multi_scale,
-                           divisor=encoder.vae.config.downsample_factor * config.patch_size, verify_images=True)
+                           divisor=encoder.vae.config.downsample_factor * config.patch_size, verify_images=True,
+                           control=cfg.control_source)
     os.makedirs(args.feature_cache, exist_ok=True)
     np.savez(os.path.join(args.feature_cache, NULL_CAPTION_FILE), emb=encoder.null_caption(),
              scaling_factor=encoder.vae.scaling_factor, shift_factor=encoder.vae.shift_factor)
     todo = [i for i, r in enumerate(dataset.records)
-            if not os.path.isfile(cache_path(args.feature_cache, r.path, r.size))]
+            if not entry_complete(cache_path(args.feature_cache, r.path, r.size), bool(cfg.control_source))]
     skipped = len(dataset.records) - len(todo)
     with tqdm(total=len(todo), desc="caching features", unit="image") as progress:
         for batch in batches_of_one_size(dataset.records, todo, max(1, args.cache_batch_size)):
             mean, std = encoder.encode_images(np.stack([dataset.load_image(i) for i in batch]))
+            control = [None] * len(batch)
+            if cfg.control_source:  # the control image's latents (posterior mean), as the pipeline encodes it
+                control = encoder.encode_images(np.stack([dataset.load_control(i) for i in batch]))[0]
             captions = {}
             for field in CAPTION_FIELDS:
                 texts = [dataset.records[i].captions.get(field) or "" for i in batch]
@@ -71,7 +89,7 @@ def main(argv=None) -> int:
                 entry_captions = {field: (emb[k], mask[k]) for field, (emb, mask) in captions.items()
                                   if record.captions.get(field)}
                 write_cache_entry(cache_path(args.feature_cache, record.path, record.size),
-                                  CacheEntry(mean[k], std[k], entry_captions))
+                                  CacheEntry(mean[k], std[k], entry_captions, control[k]))
             progress.update(len(batch))
     written = len(todo)
     print(f"feature cache {args.feature_cache}: {written} entries written, {skipped} already there, "

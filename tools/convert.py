@@ -22,6 +22,7 @@ from pixart.models.pixart_checkpoint import (
     check_state_dict, diffusers_config, expected_shapes, infer_config, official_to_diffusers, read_source,
     save_mindspore_checkpoint)
 from pixart.runtime import DTYPE_NAMES
+from pixart.utils.files import refuse_existing
 
 
 def parse_args(argv=None):
@@ -50,6 +51,9 @@ def parse_args(argv=None):
                         "write a standalone finetune or export one to diffusers")
     p.add_argument("--lora_scale", type=float, nargs="+", default=None,
                    help="strength of each --lora_path (one value for all, or one per adapter; default 1.0)")
+    p.add_argument("--base_target", default=None,
+                   help="ControlNet sources that hold their base model too (the official PixArt-XL-2-1024-ControlNet"
+                        ".pth): where to write the base (default: the target's name with -base)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing target (never the source itself); default: refuse")
     return p.parse_args(argv)
@@ -86,10 +90,26 @@ def bake_loras(sd, args) -> None:
               (f" ({lora.note})" if lora.note else ""))
 
 
+def write_control(control, args) -> None:
+    """The ControlNet branch of the source as its own .ckpt (at --target)."""
+    from pixart.models.controlnet import control_block_count, save_control_checkpoint
+
+    save_control_checkpoint(control, args.target, args.dtype)
+    print(f"wrote {args.target}: ControlNet branch of {control_block_count(control)} blocks, {len(control)} tensors")
+
+
 def to_mindspore(args) -> None:
+    from pixart.models.controlnet import split_control
     from pixart.models.pixart import random_null_caption
 
     sd, hints = read_source(args.source, use_ema=args.ema)
+    sd, control = split_control(sd)
+    if control:
+        write_control(control, args)
+        if not sd:
+            return
+        args.target = args.base_target or os.path.splitext(args.target)[0] + "-base.ckpt"
+        refuse_existing(args.target, args.overwrite)
     bake_loras(sd, args)
     given = dict(hints)
     for key in ("model_max_length", "input_size", "pe_interpolation", "kv_compress_sampling", "kv_compress_layers"):
@@ -117,10 +137,20 @@ def to_mindspore(args) -> None:
 def to_diffusers(args) -> None:
     import json
 
+    from pixart.errors import ConfigError
+    from pixart.models.controlnet import split_control
     from pixart.utils.files import write_text_atomically
     from pixart.utils.safetensors_io import save_file
 
     sd, hints = read_source(args.source)
+    _, control = split_control(sd)
+    if control:  # a ControlNet branch: its official key layout, as safetensors
+        if not args.target.endswith(".safetensors"):
+            raise ConfigError("a ControlNet branch exports to a .safetensors file with the official keys; "
+                              "give --target NAME.safetensors")
+        save_file(control, args.target)
+        print(f"wrote {args.target}: the ControlNet branch with the official controlnet.N.* keys")
+        return
     bake_loras(sd, args)
     config = infer_config(sd, **hints)
     print(describe(config))
@@ -136,7 +166,7 @@ def check_target(args, reverse: bool) -> None:
     """Refuse, before reading anything, a target that is the source or that would replace what
     the user has without --overwrite."""
     from pixart.errors import ConfigError
-    from pixart.utils.files import refuse_existing, same_file
+    from pixart.utils.files import same_file
 
     if same_file(args.source, args.target):
         raise ConfigError(f"--target {args.target} is the source itself; write the conversion somewhere else")
@@ -144,6 +174,9 @@ def check_target(args, reverse: bool) -> None:
         if os.path.isdir(args.target):
             raise ConfigError(f"--target {args.target} is a folder; give the .ckpt file to write, e.g. "
                               f"{os.path.join(args.target, 'model.ckpt')}")
+        refuse_existing(args.target, args.overwrite)
+        return
+    if args.target.endswith(".safetensors"):  # a ControlNet branch's export
         refuse_existing(args.target, args.overwrite)
         return
     if os.path.exists(args.target) and not os.path.isdir(args.target):

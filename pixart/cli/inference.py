@@ -40,6 +40,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                         "combine adapters")
     g.add_argument("--lora_scale", type=float, nargs="+", default=None,
                    help="strength of each --lora_path (one value for all, or one per adapter; default 1.0)")
+    g.add_argument("--controlnet", help="a PixArt-δ ControlNet branch for --checkpoint: a .ckpt from tools/convert.py, "
+                                        "the official PixArt-XL-2-1024-ControlNet.pth, or a diffusers ControlNet "
+                                        "adapter (converted in memory); needs --control_image")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="compute dtype (CPU: fp32 only)")
     g.add_argument("--mode", choices=EXECUTION_MODES, default="graph",
                    help="graph: the denoiser compiled once per shape (fastest); streamed: one compiled block "
@@ -64,6 +67,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--latents", help="initial latents .npy, (N, 4, h, w) for N images or one (4, h, w) for all")
     g.add_argument("--batch_size", type=positive_int, default=1, help="images per denoiser call")
     g.add_argument("--num_trials", type=positive_int, default=1, help="images per prompt")
+    g.add_argument("--control_image", help="the control image every output follows (with --controlnet): an edge map, "
+                                           "white edges on black, resized and cropped as the output")
+    g.add_argument("--control_strength", type=float, default=1.0,
+                   help="scales the control image before it is encoded (0: no control; default 1)")
+    g.add_argument("--control_preprocess", choices=("none", "canny"), default="none",
+                   help="canny: compute the edge map from a photo with Canny's detector. PixArt-δ's ControlNet was "
+                        "trained on HED edges, whose network weights cannot be fetched here: give a ready HED map "
+                        "with 'none' for the best results")
     g.add_argument("--tiled_decode", type=str2bool, default=True,
                    help="decode images larger in area than the VAE's native size (1024x1024 for SDXL) in blended "
                         "tiles, so 2K/4K images do not need the memory of the whole image at once")
@@ -110,7 +121,7 @@ def model_paths(args: argparse.Namespace):
 
     lora_scales(len(args.lora_path or []), args.lora_scale)  # a count that does not fit is refused here, early
     return ModelPaths(args.checkpoint, args.vae_root, args.text_encoder_root, args.tokenizer_root,
-                      tuple(args.lora_path or ()))
+                      tuple(args.lora_path or ()) + ((args.controlnet,) if args.controlnet else ()))
 
 
 def load_transformer(args: argparse.Namespace, dtype):
@@ -122,7 +133,34 @@ def load_transformer(args: argparse.Namespace, dtype):
     model, _ = load_pixart(args.checkpoint, dtype=dtype, input_size=args.input_size,
                            pe_interpolation=args.pe_interpolation, kv_compress_layers=args.kv_compress_layers,
                            kv_compress_sampling=args.kv_compress_sampling, kv_compress_ratio=args.kv_compress_ratio)
-    return model, merge_loras(model, args.lora_path or [], args.lora_scale)
+    merger = merge_loras(model, args.lora_path or [], args.lora_scale)
+    if args.controlnet:
+        from pixart.models.controlnet import load_control_pixart, read_controlnet
+        model = load_control_pixart(model, read_controlnet(args.controlnet), args.controlnet)
+    return model, merger
+
+
+def read_control_image(args: argparse.Namespace):
+    """The --control_image as (H, W, 3) uint8, made an edge map when asked; None without a ControlNet."""
+    if bool(args.controlnet) != bool(args.control_image):
+        raise ConfigError("--controlnet and --control_image go together: the ControlNet needs a control image, "
+                          "and a control image needs a ControlNet")
+    if not args.controlnet:
+        return None
+    if not os.path.isfile(args.control_image):
+        raise ConfigError(f"--control_image: {args.control_image!r} not found")
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(args.control_image) as im:
+            image = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConfigError(f"--control_image: {args.control_image!r} is not a readable image ({e})") from None
+    if args.control_preprocess == "canny":
+        from pixart.utils.edges import canny
+        image = canny(image)
+    return image
 
 
 def lora_label(args: argparse.Namespace, scales=None) -> str:

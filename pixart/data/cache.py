@@ -20,7 +20,7 @@ import os
 import posixpath
 import tempfile
 import zipfile
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -37,10 +37,12 @@ class CacheEntry:
         latent_mean: (C, h, w) mean of the VAE posterior (unscaled).
         latent_std: (C, h, w) standard deviation of the VAE posterior.
         captions: caption field -> (embedding (L, D), mask (L,)).
+        control_mean: (C, h, w) posterior mean of the ControlNet control image, when training one.
     """
     latent_mean: np.ndarray
     latent_std: np.ndarray
     captions: Dict[str, Tuple[np.ndarray, np.ndarray]]
+    control_mean: Optional[np.ndarray] = None
 
 
 def cache_path(cache_dir: str, record_path: str, size: Size) -> str:
@@ -57,6 +59,8 @@ def write_cache_entry(path: str, entry: CacheEntry) -> None:
     """Write ``entry`` to ``path`` atomically (a killed run never leaves half a file)."""
     _check_entry(entry, path)
     arrays = {"latent_mean": entry.latent_mean, "latent_std": entry.latent_std}
+    if entry.control_mean is not None:
+        arrays["control_mean"] = entry.control_mean
     for field, (emb, mask) in entry.captions.items():
         arrays[f"emb/{field}"] = emb
         arrays[f"mask/{field}"] = mask
@@ -91,7 +95,7 @@ def read_cache_entry(path: str) -> CacheEntry:
             if f"mask/{field}" not in arrays:
                 raise CacheError(f"{path}: cache entry has emb/{field} but no mask/{field}")
             captions[field] = (arrays[name], arrays[f"mask/{field}"])
-    entry = CacheEntry(arrays["latent_mean"], arrays["latent_std"], captions)
+    entry = CacheEntry(arrays["latent_mean"], arrays["latent_std"], captions, arrays.get("control_mean"))
     _check_entry(entry, path)
     return entry
 
@@ -100,6 +104,9 @@ def _check_entry(entry: CacheEntry, path: str) -> None:
     if entry.latent_mean.ndim != 3 or entry.latent_mean.shape != entry.latent_std.shape:
         raise CacheError(f"{path}: latent_mean {entry.latent_mean.shape} and latent_std "
                          f"{entry.latent_std.shape} must be equal (C, h, w) shapes")
+    if entry.control_mean is not None and entry.control_mean.shape != entry.latent_mean.shape:
+        raise CacheError(f"{path}: control_mean {entry.control_mean.shape} must be shaped as latent_mean "
+                         f"{entry.latent_mean.shape}")
     if not entry.captions:
         raise CacheError(f"{path}: a cache entry needs at least one caption embedding")
     for field, (emb, mask) in entry.captions.items():

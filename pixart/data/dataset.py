@@ -68,6 +68,7 @@ class Record:
         height, width: the image's size after EXIF orientation.
         bucket: ratio key of the bucket it trains in.
         size: (height, width) it is resized and cropped to.
+        control_file: the full path of its ControlNet control image, when the label file names one.
     """
     path: str
     file: str
@@ -76,6 +77,7 @@ class Record:
     width: int
     bucket: str
     size: Size
+    control_file: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -103,7 +105,8 @@ class LoadSummary:
 
 
 def load_records(json_path: str, image_dir: str, table: BucketTable, fixed_size: Optional[Size] = None,
-                 verify_images: bool = True, cache_dir: Optional[str] = None) -> Tuple[List[Record], LoadSummary]:
+                 verify_images: bool = True, cache_dir: Optional[str] = None,
+                 control_field: Optional[str] = None) -> Tuple[List[Record], LoadSummary]:
     """Read and validate the label file.
 
     Args:
@@ -114,6 +117,8 @@ def load_records(json_path: str, image_dir: str, table: BucketTable, fixed_size:
         verify_images: fully decode every image now (catches truncated files; costs one
             decode per image); False only reads the headers.
         cache_dir: feature-cache folder; records without an entry there are skipped.
+        control_field: label field naming each record's control image (ControlNet training);
+            records without a readable one are skipped.
     Returns:
         (usable records in label-file order, summary). Raises DatasetError if none is usable.
     """
@@ -162,9 +167,16 @@ def load_records(json_path: str, image_dir: str, table: BucketTable, fixed_size:
         if entry is not None and not os.path.isfile(entry):
             skip("missing cache entry", where, f"no {entry}")
             continue
+        control_file = None
+        if control_field:
+            control = item.get(control_field)
+            control_file = os.path.join(image_dir, control) if isinstance(control, str) and control else None
+            if control_file is None or not os.path.isfile(control_file):
+                skip("missing control image", where, f"no file in its '{control_field}' field ({control!r})")
+                continue
         if _label_disagrees(item, height, width):
             summary.label_size_mismatch += 1
-        records.append(Record(item["path"], file, captions, height, width, bucket, size))
+        records.append(Record(item["path"], file, captions, height, width, bucket, size, control_file))
 
     counts = collections.Counter(r.bucket for r in records)
     summary.bucket_counts = {k: counts[k] for k in sorted(counts, key=float)}
@@ -249,11 +261,14 @@ class TrainDataset:
         divisor: VAE factor x patch size, for bucket tables of non-official base sizes.
         cache_dir: if set, samples are read from the feature cache instead of images.
         verify_images: fully decode every image at start (see :func:`load_records`).
+        control: for ControlNet training, (label field of the control image or None, "none" or
+            "canny"): samples then carry a control image (or its cached latents).
     """
 
     def __init__(self, json_path: str, image_dir: str, image_size: int, *, multi_scale: bool = True,
                  real_prompt_ratio: float = 0.5, seed: int = 0, divisor: int = DEFAULT_DIVISOR,
-                 cache_dir: Optional[str] = None, verify_images: bool = True):
+                 cache_dir: Optional[str] = None, verify_images: bool = True,
+                 control: Optional[Tuple[Optional[str], str]] = None):
         if not 0.0 <= real_prompt_ratio <= 1.0:
             raise ValueError(f"real_prompt_ratio must be in [0, 1], got {real_prompt_ratio}")
         if not os.path.isdir(image_dir):
@@ -267,8 +282,10 @@ class TrainDataset:
         # The official loader switches to Lanczos for its 2K and larger tables.
         self.resample = Image.LANCZOS if image_size >= 2048 else Image.BICUBIC
         fixed = None if multi_scale else (image_size, image_size)
+        self.control = control
         self.records, self.summary = load_records(json_path, image_dir, self.table, fixed,
-                                                  verify_images=verify_images, cache_dir=cache_dir)
+                                                  verify_images=verify_images, cache_dir=cache_dir,
+                                                  control_field=control[0] if control else None)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -294,6 +311,21 @@ class TrainDataset:
             raise DatasetError(f"cannot load {record.file} (record '{record.path}'): "
                                f"{type(e).__name__}: {e}") from e
 
+    def load_control(self, index: int) -> np.ndarray:
+        """Float32 (3, H, W) control image in [-1, 1] at the record's training size: its own file,
+        or the Canny edge map of the training image."""
+        record = self.records[index]
+        if self.control[1] == "canny":
+            from pixart.utils.edges import canny
+
+            pixels = np.round((self.load_image(index).transpose(1, 2, 0) + 1.0) * 127.5).astype(np.uint8)
+            return canny(pixels).astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+        try:
+            return load_image(record.control_file, record.size, self.resample)
+        except Exception as e:
+            raise DatasetError(f"cannot load the control image {record.control_file} (record '{record.path}'): "
+                               f"{type(e).__name__}: {e}") from e
+
     def get(self, index: int, epoch: int) -> dict:
         """One training sample.
 
@@ -301,7 +333,8 @@ class TrainDataset:
         ``aspect_ratio`` float32 () the bucket's ratio (the micro-conditions of α 1024).
         Image mode adds ``image`` float32 (3, H, W) in [-1, 1]. Cache mode adds instead
         ``latent_mean``, ``latent_std`` float32 (C, H/f, W/f), ``caption_emb`` float32
-        (L, D) and ``caption_mask`` int32 (L,).
+        (L, D) and ``caption_mask`` int32 (L,). With a ControlNet: ``control`` (3, H, W), or
+        from the cache ``control_mean`` (C, H/f, W/f).
         """
         record = self.records[index]
         field, text = self.choose_caption(index, epoch)
@@ -310,6 +343,8 @@ class TrainDataset:
                   "aspect_ratio": np.float32(record.bucket)}
         if self.cache_dir is None:
             sample["image"] = self.load_image(index)
+            if self.control:
+                sample["control"] = self.load_control(index)
             return sample
         path = cache_path(self.cache_dir, record.path, record.size)
         entry = read_cache_entry(path)
@@ -320,6 +355,11 @@ class TrainDataset:
         sample.update(latent_mean=entry.latent_mean.astype(np.float32),
                       latent_std=entry.latent_std.astype(np.float32),
                       caption_emb=emb.astype(np.float32), caption_mask=mask.astype(np.int32))
+        if self.control:
+            if entry.control_mean is None:
+                raise DatasetError(f"{path}: cache entry of '{record.path}' has no control latents; re-run the "
+                                   f"feature-caching tool with the ControlNet settings")
+            sample["control_mean"] = entry.control_mean.astype(np.float32)
         return sample
 
 

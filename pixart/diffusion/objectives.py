@@ -93,14 +93,14 @@ class LCMObjective(nn.Cell):
 
     def construct(self, x0, t, noise, cond):
         channels = x0.shape[1]
-        caption, caption_mask, resolution, aspect_ratio, drop_caption = cond
+        caption, caption_mask, resolution, aspect_ratio, drop_caption, control = cond
         x_t = self.diffusion.q_sample(x0, t, noise)
         c_skip_t, c_out_t = self._scalings(t)
         eps = self.student(x_t, t, cond)[:, :channels]
         prediction = c_skip_t * x_t + c_out_t * self._x0(x_t, t, eps)
 
         eps_c = ops.stop_gradient(self.teacher(x_t, t, cond)[:, :channels])
-        null = (caption, caption_mask, resolution, aspect_ratio, ops.ones_like(drop_caption))
+        null = (caption, caption_mask, resolution, aspect_ratio, ops.ones_like(drop_caption), control)
         eps_u = ops.stop_gradient(self.teacher(x_t, t, null)[:, :channels])
         x0_c, x0_u = self._x0(x_t, t, eps_c), self._x0(x_t, t, eps_u)
         x0_guided = x0_c + self.guidance * (x0_c - x0_u)

@@ -126,8 +126,9 @@ class Conditioning(NamedTuple):
     caption: (B, L, Ct) T5 features; caption_mask: (B, L), 1 for real tokens and 0 for padding;
     resolution: (B, 2) image [height, width] and aspect_ratio: (B, 1) height/width, read by
     micro-conditioned models only; drop_caption: (B,) bool, True where training replaces the
-    caption by the null caption. Build it with :meth:`of`, which fills what is not given with
-    neutral values (every token real, micro-conditions 0, no caption dropped).
+    caption by the null caption; control: (B, C, H, W) the VAE latents of a control image, read
+    by a ControlNet only. Build it with :meth:`of`, which fills what is not given with neutral
+    values (every token real, micro-conditions 0, no caption dropped, no control image).
 
     It travels through the cells as one argument. Inside compiled code it arrives as a plain
     tuple in this field order, and cells unpack it (``caption, mask, ... = cond``) rather than
@@ -141,9 +142,11 @@ class Conditioning(NamedTuple):
     resolution: Tensor
     aspect_ratio: Tensor
     drop_caption: Tensor
+    control: Tensor
 
     @classmethod
-    def of(cls, caption, caption_mask=None, resolution=None, aspect_ratio=None, drop_caption=None) -> "Conditioning":
+    def of(cls, caption, caption_mask=None, resolution=None, aspect_ratio=None, drop_caption=None,
+           control=None) -> "Conditioning":
         """Tensors (or NumPy arrays) for the fields given, neutral values for the others."""
         caption = np.asarray(caption, np.float32) if isinstance(caption, np.ndarray) else caption
         b, length = caption.shape[:2]
@@ -154,7 +157,8 @@ class Conditioning(NamedTuple):
 
         return cls(tensor(caption, None, np.float32), tensor(caption_mask, np.ones((b, length)), np.int32),
                    tensor(resolution, np.zeros((b, 2)), np.float32), tensor(aspect_ratio, np.zeros((b, 1)), np.float32),
-                   tensor(drop_caption, np.zeros((b,), bool), np.bool_))
+                   tensor(drop_caption, np.zeros((b,), bool), np.bool_),
+                   tensor(control, np.zeros((b, 1, 1, 1)), np.float32))
 
 
 # ----------------------------------------------------------------------------------------
@@ -419,6 +423,7 @@ class PixArtBlock(nn.Cell):
 
     def __init__(self, cfg: PixArtConfig, kv_ratio: int = 1, compute_dtype=ms.float32, kernels: Kernels = Kernels()):
         super().__init__()
+        self.config, self.kernels = cfg, kernels  # what a copy of this block is built from
         dim = cfg.hidden_size
         self.norm1 = LayerNorm(dim)
         self.attn = SelfAttention(dim, cfg.num_heads, cfg.qk_norm, kv_ratio, cfg.kv_compress_sampling, compute_dtype,
@@ -594,7 +599,7 @@ class PixArt(nn.Cell):
     def embed(self, x, timestep, cond: Conditioning):
         """construct's inputs -> image tokens x (B, N, D), the timestep embedding t (B, D) and the
         ``BlockInputs`` every block reads."""
-        caption, caption_mask, resolution, aspect_ratio, drop_caption = cond
+        caption, caption_mask, resolution, aspect_ratio, drop_caption, _ = cond
         b = x.shape[0]
         h, w = self.token_grid(x)
         x = self.x_embedder(x.astype(self.dtype)) + self.pos_embed(h, w).astype(self.dtype)[None]
@@ -720,10 +725,13 @@ class BlockStreamedForward:
     inputs and copies them into a template block before running it, so all blocks share one
     compiled graph and one set of buffers. Each block costs one graph launch and a copy of its
     weights (85 MB at XL) on top of its compute. Adapters must be merged into the weights first.
+    A ``ControlPixArt`` streams too: its control blocks run through the same template, their
+    outputs are the block loop's per-block residuals.
     """
 
-    def __init__(self, model: PixArt):
-        self.model = model
+    def __init__(self, model):
+        self.control = model if hasattr(model, "controlnet") else None
+        self.model = model = model.base_model if self.control else model
 
         # plain functions, not ms.jit(model.embed): MindSpore 2.10 mixes up the graphs of
         # jitted bound methods with later whole-model graphs of the same cell
@@ -743,6 +751,7 @@ class BlockStreamedForward:
         slots = list(template.get_parameters())
         for slot in slots:
             slot.requires_grad = False
+
         def run_block(x, h, w, caption, t6, caption_bias, *weights):
             for slot, value in zip(slots, weights):
                 ops.assign(slot, value)
@@ -750,19 +759,36 @@ class BlockStreamedForward:
 
         return ms.jit(run_block), len(slots)
 
-    def _run_block(self, index: int, x, inputs: BlockInputs, h: int, w: int):
-        block = self.model.blocks[index]
+    def _stream(self, block: "PixArtBlock", x, inputs: BlockInputs, h: int, w: int):
         compiled, num_weights = self._compiled_block[block.attn.kv_ratio]
         weights = list(block.get_parameters())
         if len(weights) != num_weights:
-            raise ValueError(f"block {index} carries adapters: merge them into the weights before streaming")
+            raise ValueError("a block carries adapters: merge them into the weights before streaming")
         # plain tensors over the parameters' data: no copy, and no gradient tracking
         return compiled(x, h, w, *inputs, *(Tensor(p) for p in weights))
 
+    def _run_block(self, index: int, x, inputs: BlockInputs, h: int, w: int):
+        return self._stream(self.model.blocks[index], x, inputs, h, w)
+
+    def _run_control(self, index: int, x, c, inputs: BlockInputs, h: int, w: int):
+        block = self.control.controlnet[index]
+        if index == 0:
+            x = x + block.before_proj(c)
+        c = self._stream(block.copied_block, x if index == 0 else c, inputs, h, w)
+        return c, block.after_proj(c)
+
     def __call__(self, x, timestep, cond: Conditioning):
-        h, w = self.model.token_grid(x)
+        model = self.model
+        h, w = model.token_grid(x)
         x, t, inputs = self._embed(x, timestep, *cond)
-        x = self.model.run_blocks(x, tuple(inputs), h, w, run_block=self._run_block)
+        inputs = tuple(inputs)
+        if self.control is None:
+            x = model.run_blocks(x, inputs, h, w, run_block=self._run_block)
+        else:
+            x = model.run_blocks(x, inputs, h, w, stop=1, run_block=self._run_block)
+            c = self.control.control_tokens(cond[5], h, w)
+            residuals = self.control.control_residuals(x, c, inputs, h, w, run_control=self._run_control)
+            x = model.run_blocks(x, inputs, h, w, residuals=residuals, start=1, run_block=self._run_block)
         return self._head(x, t, h, w)
 
 

@@ -263,12 +263,42 @@ def read_source(path: str, use_ema: bool = False) -> Tuple[StateDict, dict]:
     else:
         raise ModelLoadError(f"{path}: unknown checkpoint type (expected .pth, .pt, .safetensors, .ckpt or a "
                              f"diffusers transformer folder)")
+    sd = control_names_official(sd)
     if is_diffusers_state_dict(sd):
         sd = diffusers_to_official(sd)
     if _POS_EMBED in sd:  # official buffer (1, tokens, hidden) at the trained square size
         patch = sd["x_embedder.proj.weight"].shape[-1] if "x_embedder.proj.weight" in sd else 1
         hints["input_size"] = int(round(np.sqrt(sd.pop(_POS_EMBED).shape[1]))) * int(patch)
     return sd, hints
+
+
+_ADAPTER_BLOCK = re.compile(r"controlnet_blocks\.(\d+)\.(transformer_block\.)?(.*)$")
+
+
+def control_names_official(sd: StateDict) -> StateDict:
+    """ControlNet checkpoints with official names: the official ``PixArt-XL-2-1024-ControlNet.pth``
+    holds the base under ``base_model.`` (stripped here) and the branch under ``controlnet.`` (kept);
+    diffusers' research-project adapter (``controlnet_blocks.{i}.before_proj`` /
+    ``.transformer_block.<diffusers block names>`` / ``.after_proj``) becomes ``controlnet.{i}.*``.
+    Other state dicts pass unchanged."""
+    if not any(k.startswith(("base_model.", "controlnet_blocks.")) for k in sd):
+        return sd
+    out: StateDict = {}
+    blocks: Dict[str, StateDict] = {}
+    for key, value in sd.items():
+        m = _ADAPTER_BLOCK.match(key)
+        if key.startswith("base_model."):
+            out[key[len("base_model."):]] = value
+        elif m and m.group(2):  # a diffusers block inside the adapter: renamed below, block by block
+            blocks.setdefault(m.group(1), {})[f"transformer_blocks.{m.group(1)}.{m.group(3)}"] = value
+        elif m:
+            out[f"controlnet.{m.group(1)}.{m.group(3)}"] = value
+        else:
+            out[key] = value
+    for index, block in blocks.items():
+        for key, value in diffusers_to_official(block).items():
+            out[key.replace(f"blocks.{index}.", f"controlnet.{index}.copied_block.", 1)] = value
+    return out
 
 
 def _unwrap_torch_checkpoint(obj, path: str, use_ema: bool) -> StateDict:

@@ -34,7 +34,7 @@ class ModelPaths:
     vae_root: Optional[str]
     text_encoder_root: Optional[str]
     tokenizer_root: Optional[str]
-    lora_paths: Sequence[str] = ()
+    extra_paths: Sequence[str] = ()   # LoRA adapters, a ControlNet
 
     def check(self) -> None:
         """ConfigError naming the first part that is not set or not there, and where to get it."""
@@ -44,9 +44,9 @@ class ModelPaths:
                 raise ConfigError(f"--{key} is not set (nor in the config).\n{help_text}")
             if not os.path.exists(path):
                 raise ConfigError(f"--{key}: {path!r} does not exist.\n{help_text}")
-        for path in self.lora_paths:
+        for path in self.extra_paths:
             if not os.path.exists(path):
-                raise ConfigError(f"--lora_path: {path!r} does not exist")
+                raise ConfigError(f"{path!r} does not exist (--lora_path / --controlnet)")
 
 
 def check_parts_fit(paths: ModelPaths, model_max_length: Optional[int] = None, input_size: Optional[int] = None):

@@ -20,9 +20,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
+from PIL import Image
 from tqdm.auto import tqdm
 
-from pixart.data.buckets import resolution_binning
+from pixart.data.buckets import resize_and_center_crop, resolution_binning
 from pixart.diffusion.samplers import make_sampler
 from pixart.errors import InputError
 from pixart.models.pixart import BlockStreamedForward, Conditioning
@@ -138,11 +139,14 @@ class GuidedDenoiser:
         t1 = ops.broadcast_to(t.reshape(1), (x.shape[0],))
         return self.forward(x, t1, cond)
 
-    def conditioning(self, texts: TextEmbeddings, height: int, width: int) -> Conditioning:
-        """The transformer's conditioning for one row per text, sampling at height x width pixels."""
+    def conditioning(self, texts: TextEmbeddings, height: int, width: int,
+                     control: Optional[np.ndarray] = None) -> Conditioning:
+        """The transformer's conditioning for one row per text, sampling at height x width pixels;
+        ``control``: a ControlNet's control latents (1, C, h, w), the same for every row."""
         rows = len(texts)
         return Conditioning.of(texts.embeddings, texts.mask, resolution=np.tile([[height, width]], (rows, 1)),
-                               aspect_ratio=np.full((rows, 1), height / width))
+                               aspect_ratio=np.full((rows, 1), height / width),
+                               control=None if control is None else np.repeat(control, rows, axis=0))
 
     def __call__(self, latents: np.ndarray, t: int, cond: Conditioning, guidance_scale: Optional[float] = None
                  ) -> np.ndarray:
@@ -211,10 +215,13 @@ class PixArtPipeline:
                  sampling_method: str = "dpm", sampling_steps: int = 20, guidance_scale: float = 4.5,
                  seeds: Optional[Sequence[int]] = None, latents: Optional[np.ndarray] = None,
                  use_resolution_binning: bool = True, progress: bool = True,
-                 step_callback: Optional[Callable[[int, int], None]] = None) -> SamplingResult:
+                 step_callback: Optional[Callable[[int, int], None]] = None,
+                 control_image: Optional[np.ndarray] = None, control_strength: float = 1.0) -> SamplingResult:
         """Sample one image per row of ``cond``; ``uncond`` (same rows) is used when the sampler
         guides and ``guidance_scale > 1``. Row i's initial noise (and a stochastic sampler's step
-        noise) comes from ``seeds[i]``; ``latents`` (B, C, h, w) replaces the initial noise."""
+        noise) comes from ``seeds[i]``; ``latents`` (B, C, h, w) replaces the initial noise.
+        ``control_image`` (H, W, 3) uint8, for a ControlNet transformer: the edge map every image
+        follows, times ``control_strength``."""
         start = time.perf_counter()
         gen_h, gen_w = self.generation_size(height, width, use_resolution_binning)
         batch = len(cond)
@@ -229,7 +236,8 @@ class PixArtPipeline:
         guided = sampler.classifier_free_guidance and guidance_scale > 1.0 and uncond is not None
         texts = TextEmbeddings(np.concatenate([uncond.embeddings, cond.embeddings]),
                                np.concatenate([uncond.mask, cond.mask])) if guided else cond
-        conditioning = self.denoiser.conditioning(texts, gen_h, gen_w)
+        control = None if control_image is None else self.control_latents(control_image, control_strength, gen_h, gen_w)
+        conditioning = self.denoiser.conditioning(texts, gen_h, gen_w, control)
         channels = sampler.model_channels(self.transformer.config.in_channels)
         step_times = []
         for i, t in enumerate(tqdm(sampler.timesteps, desc=f"{sampling_method} {gen_h}x{gen_w}", disable=not progress,
@@ -245,6 +253,18 @@ class PixArtPipeline:
         # the first step includes compilation; report the steady rate when there is one
         per_step = float(np.median(step_times[1:])) if len(step_times) > 1 else step_times[0]
         return SamplingResult(to_uint8(images), (gen_h, gen_w), per_step, time.perf_counter() - start)
+
+    def control_latents(self, image: np.ndarray, strength: float, height: int, width: int) -> np.ndarray:
+        """(1, C, h, w) VAE latents of a control image: resized and center-cropped to the sampling
+        size (the same binning as the output), scaled to [-1, 1] times ``strength``, encoded (the
+        posterior mean), scaled as the VAE's training latents."""
+        if not hasattr(self.transformer, "controlnet"):
+            raise InputError("a control image needs a ControlNet transformer (--controlnet)")
+        pixels = np.asarray(resize_and_center_crop(Image.fromarray(image).convert("RGB"), height, width),
+                            np.float32)
+        pixels = (pixels / 127.5 - 1.0).transpose(2, 0, 1)[None] * np.float32(strength)
+        mean = self.vae.encode(Tensor(pixels)).mean.asnumpy()
+        return ((mean - self.vae.shift_factor) * self.vae.scaling_factor).astype(np.float32)
 
     def _initial_latents(self, latents: Optional[np.ndarray], seeds: Sequence[int], height: int, width: int):
         """The given initial latents, checked, or noise drawn from the seeds."""

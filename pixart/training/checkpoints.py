@@ -5,6 +5,8 @@
         ema.ckpt        EMA weights, same format (sample.py loads it too)
         adapter/        instead of the two above when training a LoRA: the adapter as a PEFT
         adapter_ema/    folder (sample.py --lora_path), and its EMA
+        controlnet.ckpt instead when training a ControlNet: the branch (sample.py --controlnet),
+        controlnet_ema.ckpt and its EMA
         optimizer.ckpt  optimizer state (moments, step count), as MindSpore parameters
         state.json      step, loss scale, seed, world size, and the run's configuration
 
@@ -189,9 +191,9 @@ def model_writer(config: PixArtConfig, weights: Dict[str, np.ndarray],
 
 
 def load_checkpoint(folder: str) -> dict:
-    """{"weights", "ema", "adapter", "adapter_ema" (each None where the checkpoint has none),
-    "optimizer", "state"} of a checkpoint folder: weights as NumPy arrays, adapters as
-    ``LoraWeights``."""
+    """{"weights", "ema", "adapter", "adapter_ema", "controlnet", "controlnet_ema" (each None where
+    the checkpoint has none), "optimizer", "state"} of a checkpoint folder: weights as NumPy
+    arrays, adapters as ``LoraWeights``."""
     from pixart.models.pixart_checkpoint import read_mindspore_checkpoint
     from pixart.utils.mindspore_ckpt import read_ckpt
 
@@ -203,15 +205,20 @@ def load_checkpoint(folder: str) -> dict:
         from pixart.models.lora import read_lora
         return read_lora(path)
 
+    def read_branch(path):
+        from pixart.models.controlnet import read_controlnet
+        return read_controlnet(path)
+
     weights = optional("model.ckpt", lambda p: read_mindspore_checkpoint(p)[0])
     adapter = optional("adapter", read_adapter)
-    if weights is None and adapter is None:
-        raise ValueError(f"{folder} holds neither model.ckpt nor adapter/")
+    controlnet = optional("controlnet.ckpt", read_branch)
+    if weights is None and adapter is None and controlnet is None:
+        raise ValueError(f"{folder} holds none of model.ckpt, adapter/, controlnet.ckpt")
     optimizer = read_ckpt(os.path.join(folder, "optimizer.ckpt"))
     with open(os.path.join(folder, "state.json")) as f:
         state = json.load(f)
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"{folder}/state.json has no step")
     return {"weights": weights, "ema": optional("ema.ckpt", lambda p: read_mindspore_checkpoint(p)[0]),
-            "adapter": adapter, "adapter_ema": optional("adapter_ema", read_adapter), "optimizer": optimizer,
-            "state": state}
+            "adapter": adapter, "adapter_ema": optional("adapter_ema", read_adapter), "controlnet": controlnet,
+            "controlnet_ema": optional("controlnet_ema.ckpt", read_branch), "optimizer": optimizer, "state": state}

@@ -8,7 +8,7 @@ overrides: :func:`model_config`.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from pixart.errors import ConfigError
 from pixart.models.lora_spec import OFFICIAL_TARGETS, LoraSpec
@@ -62,6 +62,16 @@ class TrainConfig:
                                                              "default: the official PixArt LoRA list", "lora")
     use_rslora: bool = option(False, "rank-stabilised LoRA: scale alpha / sqrt(rank)", "lora")
     lora_dropout: float = option(0.0, "dropout on the adapters' input while training", "lora")
+    # ControlNet
+    controlnet_blocks: int = option(0, "train a PixArt-δ ControlNet branch copying this many base blocks (13 of "
+                                       "XL/2's 28) on the frozen --checkpoint; 0: off", "controlnet")
+    control_field: str = option("control", "label field holding each record's control image path (relative to "
+                                           "--image_dir)", "controlnet")
+    control_preprocess: str = option("none", "canny: the control image is the Canny edge map of the training image "
+                                             "itself (no control field needed)", "controlnet",
+                                     choices=("none", "canny"))
+    controlnet: Optional[str] = option(None, "initial ControlNet branch weights (a control .ckpt, the official .pth); "
+                                             "default: copies of the base blocks, zero projections", "controlnet")
     # objective
     objective: str = option("diffusion", "diffusion: the IDDPM loss PixArt is trained with; lcm: latent consistency "
                                          "distillation of --checkpoint (PixArt-δ) into a few-step model (the EMA, "
@@ -130,6 +140,13 @@ class TrainConfig:
             raise ConfigError(f"--lora_rank must be 0 (off) or positive, got {self.lora_rank}")
         if self.lora_rank and not self.checkpoint:
             raise ConfigError("a LoRA adapts given weights: --checkpoint (the base model) is required with --lora_rank")
+        if self.controlnet_blocks:
+            if self.controlnet_blocks < 0 or not self.checkpoint:
+                raise ConfigError("a ControlNet steers given weights: --checkpoint (the base) is required with a "
+                                  "positive --controlnet_blocks")
+            if self.lora_rank or self.objective != "diffusion":
+                raise ConfigError("--controlnet_blocks trains the control branch alone: not with --lora_rank or "
+                                  "--objective lcm")
         if self.objective == "lcm":
             if not self.checkpoint:
                 raise ConfigError("LCM distillation needs the model to distill: --checkpoint (the teacher)")
@@ -137,6 +154,13 @@ class TrainConfig:
                 raise ConfigError("LCM distillation keeps its target network as the EMA of the student: set "
                                   "--ema_decay (0.95 in PixArt-δ)")
         self.lora_spec()
+
+    @property
+    def control_source(self) -> Optional[Tuple[Optional[str], str]]:
+        """(label field or None, preprocessing) of the control images, or None without a ControlNet."""
+        if not self.controlnet_blocks:
+            return None
+        return (None if self.control_preprocess == "canny" else self.control_field), self.control_preprocess
 
     def lora_spec(self) -> Optional[LoraSpec]:
         """The adapter to train, or None for a full finetune."""

@@ -74,7 +74,8 @@ class Trainer:
         vae_factor = self.encoder.vae.config.downsample_factor if self.encoder else 8
         self.dataset = TrainDataset(cfg.json_path, cfg.image_dir, cfg.image_size, multi_scale=cfg.multi_scale,
                                     real_prompt_ratio=cfg.real_prompt_ratio, seed=cfg.seed,
-                                    divisor=vae_factor * self.config.patch_size, cache_dir=cfg.feature_cache)
+                                    divisor=vae_factor * self.config.patch_size, cache_dir=cfg.feature_cache,
+                                    control=cfg.control_source)
         self.batcher = BucketBatcher(self.dataset.bucket_keys, cfg.batch_size, self.world, self.rank, cfg.seed)
         if self.is_main:
             logger.info("%s", self.dataset.summary)
@@ -84,6 +85,7 @@ class Trainer:
         parameters (the adapters', or all), the optimizer over them and the compiled step."""
         import mindspore as ms
 
+        from pixart.models.controlnet import ControlPixArt
         from pixart.models.lora import attach_lora, lora_parameters
         from pixart.models.pixart import build_model
         from pixart.runtime import compute_dtype
@@ -91,9 +93,16 @@ class Trainer:
         from pixart.training.train_step import TrainStep
 
         cfg = self.cfg
-        self.model = build_model(self.config, dtype=compute_dtype(cfg.dtype, ms.get_context("device_target")))
+        self.base_model = self.model = build_model(self.config, dtype=compute_dtype(cfg.dtype,
+                                                                                    ms.get_context("device_target")))
         if cfg.recompute:
             self.model.enable_recompute()
+        if cfg.controlnet_blocks:
+            self.model = ControlPixArt(self.base_model, cfg.controlnet_blocks)
+            if cfg.recompute:
+                for block in self.model.controlnet:
+                    block.copied_block.recompute()
+            trainable = [p.name for p in self.model.branch_parameters()] if trainable is None else trainable
         self.lora_spec, self.lora_cells = cfg.lora_spec(), None
         if self.lora_spec:
             try:
@@ -168,12 +177,20 @@ class Trainer:
         ckpt = load_resumable(cfg.resume, cfg.output_path) if cfg.resume else None
         adapter_names = [p.name for p in self.step.params] if self.lora_cells else []
         base = read_source(cfg.checkpoint)[0] if cfg.checkpoint else None
-        if base is not None and (self.lora_cells or not ckpt):  # a LoRA checkpoint holds the adapter alone
-            load_weights(self.model, base, cfg.checkpoint, optional=adapter_names)
+        # LoRA and ControlNet checkpoints hold what they train alone, over the frozen --checkpoint
+        if base is not None and (self.lora_cells or cfg.controlnet_blocks or not ckpt):
+            load_weights(self.base_model, base, cfg.checkpoint, optional=adapter_names)
         if cfg.objective == "lcm":  # the teacher is always the model being distilled
             load_weights(self.teacher, base, cfg.checkpoint)
+        if cfg.controlnet_blocks and not ckpt:
+            self._init_control_branch()
         if ckpt:
-            if self.lora_cells:
+            if cfg.controlnet_blocks:
+                if ckpt["controlnet"] is None:
+                    raise TrainingError(f"{ckpt['folder']} holds no ControlNet branch")
+                load_weights(self.model.controlnet, self._branch_names(ckpt["controlnet"]), ckpt["folder"])
+                ema = ckpt["controlnet_ema"]
+            elif self.lora_cells:
                 if ckpt["adapter"] is None:
                     raise TrainingError(f"{ckpt['folder']} is a full finetune's checkpoint, not a LoRA's")
                 load_into(self.lora_cells, ckpt["adapter"])
@@ -198,6 +215,22 @@ class Trainer:
             self.model.y_embedder.y_embedding.set_data(ms.Tensor(self.null_caption.astype(np.float32)))
         self.step.reset_ema()
         return 0
+
+    def _init_control_branch(self):
+        """A new ControlNet: copies of the base blocks (or --controlnet's weights), zero projections."""
+        from pixart.models.controlnet import read_controlnet
+        from pixart.models.pixart_checkpoint import load_weights
+
+        if self.cfg.controlnet:
+            load_weights(self.model.controlnet, self._branch_names(read_controlnet(self.cfg.controlnet)),
+                         self.cfg.controlnet)
+        else:
+            self.model.copy_base_blocks()
+
+    @staticmethod
+    def _branch_names(control_sd) -> dict:
+        """``controlnet.N.*`` weights named as the branch's own cells (``N.*``)."""
+        return {k[len("controlnet."):]: v for k, v in control_sd.items()}
 
     def run_record(self) -> dict:
         """The run's settings and architecture, kept with every checkpoint."""
@@ -236,9 +269,15 @@ class Trainer:
         posterior_noise = rng.standard_normal(shape, dtype=np.float32)[rows]
         drop = (rng.random(g) < self.cfg.class_dropout_prob)[rows]
         x0 = ((mean + std * posterior_noise - self.shift_factor) * self.scaling_factor).astype(np.float32)
+        control = np.zeros((len(x0), 1, 1, 1), np.float32)
+        if self.cfg.control_source:
+            control_mean = batch["control_mean"] if self.cfg.feature_cache else \
+                self.encoder.encode_images(batch["control"])[0]
+            control = ((control_mean - self.shift_factor) * self.scaling_factor).astype(np.float32)
         return dict(x0=x0, t=t, noise=noise, caption=emb.astype(np.float32), caption_mask=mask.astype(np.int32),
                     resolution=batch["img_hw"].astype(np.float32),
-                    aspect_ratio=np.asarray(batch["aspect_ratio"], np.float32).reshape(-1, 1), drop_caption=drop)
+                    aspect_ratio=np.asarray(batch["aspect_ratio"], np.float32).reshape(-1, 1), drop_caption=drop,
+                    control=control)
 
     def lr_at(self, step: int) -> float:
         from pixart.training.optim import constant_with_warmup
@@ -304,10 +343,23 @@ class Trainer:
                                keep_last=cfg.keep_last)
 
     def weight_writer(self):
-        """What a checkpoint holds of the weights: the whole model, or the LoRA adapter as PEFT folders."""
+        """What a checkpoint holds of the weights: the whole model, the LoRA adapter as PEFT folders,
+        or the ControlNet branch."""
         from pixart.models.lora import save_peft
         from pixart.training.checkpoints import model_writer
 
+        if self.cfg.controlnet_blocks:
+            from pixart.models.controlnet import save_control_checkpoint
+
+            branch = {name: p.asnumpy() for name, p in self.model.parameters_and_names()
+                      if name.startswith("controlnet.")}
+            branch_ema = self.step.ema_weights(branch)
+
+            def write_branch(folder):
+                save_control_checkpoint(branch, os.path.join(folder, "controlnet.ckpt"))
+                if branch_ema is not None:
+                    save_control_checkpoint(branch_ema, os.path.join(folder, "controlnet_ema.ckpt"))
+            return write_branch
         if not self.lora_cells:
             weights = self.weights()
             return model_writer(self.config, weights, self.step.ema_weights(weights))
