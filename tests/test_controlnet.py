@@ -11,7 +11,7 @@ import torch
 from pixart.models.controlnet import ControlPixArt
 from pixart.models.pixart import BlockStreamedForward, Conditioning
 from tests import torch_pixart as ref
-from tests.test_lora import assert_close, base_pair
+from tests.test_lora import assert_close
 
 
 class TorchControlNet(torch.nn.Module):

@@ -80,11 +80,12 @@ def tokenize(prompts: Prompts, tokenizer, max_length: int) -> Tuple[np.ndarray, 
     return ids, mask
 
 
-def encode_prompts(prompts: Prompts, tokenizer, text_encoder: T5Encoder, max_length: int,
+def encode_prompts(prompts: Prompts, tokenizer, text_encoder, max_length: int,
                    batch_size: int = 4) -> Tuple[np.ndarray, np.ndarray]:
     """Prompts -> (embeddings (B, max_length, D) float32, mask (B, max_length) int64).
 
-    Runs the encoder ``batch_size`` prompts at a time, which bounds activation memory.
+    ``text_encoder``: a ``T5Encoder``, or a compiled function of one, ``(ids, mask) -> hidden
+    states``. Runs it ``batch_size`` prompts at a time, which bounds activation memory.
     """
     ids, mask = tokenize(prompts, tokenizer, max_length)
     out = []
