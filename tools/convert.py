@@ -98,11 +98,34 @@ def write_control(control, args) -> None:
     print(f"wrote {args.target}: ControlNet branch of {control_block_count(control)} blocks, {len(control)} tensors")
 
 
+def dit_to_mindspore(sd, read_hints, args) -> None:
+    """A DiT checkpoint (official or diffusers) -> our .ckpt with its architecture."""
+    from pixart.models.dit import DiT
+    from pixart.models.dit_checkpoint import infer_dit_config, official_dit, save_dit_checkpoint
+
+    sd, hints = official_dit(sd, args.source)
+    if "input_size" in read_hints:  # from the official pos_embed buffer
+        hints.setdefault("input_size", read_hints["input_size"])
+    if args.num_heads is not None:
+        hints["num_heads"] = args.num_heads
+    if args.input_size is not None:
+        hints["input_size"] = args.input_size
+    config = infer_dit_config(sd, **hints)
+    print(f"DiT: depth {config.depth}, hidden {config.hidden_size}, {config.num_heads} heads, patch "
+          f"{config.patch_size}, {config.num_classes} classes, input {config.input_size}")
+    check_state_dict(sd, {n: tuple(p.shape) for n, p in DiT(config).parameters_and_names()}, args.source)
+    save_dit_checkpoint(sd, config, args.target, dtype=args.dtype)
+    print(f"wrote {args.target}: {len(sd)} tensors, {sum(int(np.prod(v.shape)) for v in sd.values()):,} parameters")
+
+
 def to_mindspore(args) -> None:
     from pixart.models.controlnet import split_control
+    from pixart.models.dit_checkpoint import is_dit_state_dict
     from pixart.models.pixart import random_null_caption
 
     sd, hints = read_source(args.source, use_ema=args.ema)
+    if is_dit_state_dict(sd):
+        return dit_to_mindspore(sd, hints, args)
     sd, control = split_control(sd)
     if control:
         write_control(control, args)

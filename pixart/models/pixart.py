@@ -187,14 +187,16 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int, pe_interpolation: float, base_
     return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
 
 
-def timestep_frequencies(dim: int = 256, max_period: float = 10000.0) -> np.ndarray:
-    """Frequencies of the sinusoidal timestep embedding, (dim/2,) float32.
+def timestep_frequencies(dim: int = 256, max_period: float = 10000.0, freq_shift: int = 0) -> np.ndarray:
+    """Frequencies of the sinusoidal timestep embedding, (dim/2,) float32:
+    ``exp(-log(max_period) k / (dim/2 - freq_shift))`` (``freq_shift`` 0 as PixArt and DiT; diffusers'
+    DiT port uses 1).
 
     The exponent in float32 as diffusers computes it, its exp in float64 rounded once: that gives
     torch's float32 values (126 of 128 at dim 256; NumPy's float32 exp differs from it in 55).
     A 1-ulp error here becomes a 6e-5 error in sin(t * f) at t = 999."""
     half = dim // 2
-    exponent = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)) / np.float32(half)
+    exponent = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)) / np.float32(half - freq_shift)
     return np.exp(exponent.astype(np.float64)).astype(np.float32)
 
 
@@ -449,9 +451,9 @@ class PixArtBlock(nn.Cell):
 class TimestepEmbedder(nn.Cell):
     """Scalar -> 256 sinusoidal frequencies ``[cos, sin]`` -> Linear-SiLU-Linear: (M,) -> (M, out)."""
 
-    def __init__(self, out_dim: int, freq_dim: int = 256, compute_dtype=ms.float32):
+    def __init__(self, out_dim: int, freq_dim: int = 256, compute_dtype=ms.float32, freq_shift: int = 0):
         super().__init__()
-        self.freqs = Tensor(timestep_frequencies(freq_dim))
+        self.freqs = Tensor(timestep_frequencies(freq_dim, freq_shift=freq_shift))
         self.mlp = nn.SequentialCell([Linear(freq_dim, out_dim, compute_dtype=compute_dtype), nn.SiLU(),
                                       Linear(out_dim, out_dim, compute_dtype=compute_dtype)])
 

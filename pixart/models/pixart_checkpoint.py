@@ -264,7 +264,7 @@ def read_source(path: str, use_ema: bool = False) -> Tuple[StateDict, dict]:
         raise ModelLoadError(f"{path}: unknown checkpoint type (expected .pth, .pt, .safetensors, .ckpt or a "
                              f"diffusers transformer folder)")
     sd = control_names_official(sd)
-    if is_diffusers_state_dict(sd):
+    if is_diffusers_state_dict(sd) and not any(".norm1.emb.class_embedder." in k for k in sd):  # DiT: its own map
         sd = diffusers_to_official(sd)
     if _POS_EMBED in sd:  # official buffer (1, tokens, hidden) at the trained square size
         patch = sd["x_embedder.proj.weight"].shape[-1] if "x_embedder.proj.weight" in sd else 1
@@ -363,16 +363,17 @@ def diffusers_config(config: PixArtConfig) -> dict:
 CONFIG_KEY = "pixart_config"
 
 
-def save_mindspore_checkpoint(sd: StateDict, config: PixArtConfig, path: str, dtype: str = "fp32",
-                              extra: Optional[dict] = None) -> None:
-    """Write tensors plus the architecture (JSON under ``pixart_config``) as a ``.ckpt``,
-    atomically: nothing appears at ``path`` unless the whole file was written."""
+def save_mindspore_checkpoint(sd: StateDict, config, path: str, dtype: str = "fp32",
+                              extra: Optional[dict] = None, config_key: str = CONFIG_KEY) -> None:
+    """Write tensors plus the architecture (JSON under ``config_key``: ``pixart_config``, or
+    ``dit_config`` for a DiT) as a ``.ckpt``, atomically: nothing appears at ``path`` unless the
+    whole file was written."""
     import mindspore as ms
 
     from pixart.runtime import ms_dtype
 
     params = [{"name": k, "data": ms.Tensor(np.asarray(v, np.float32)).astype(ms_dtype(dtype))} for k, v in sd.items()]
-    append = {CONFIG_KEY: json.dumps(config.to_dict())}
+    append = {config_key: json.dumps(config.to_dict())}
     append.update(extra or {})
     tmp = path + ".tmp.ckpt"  # MindSpore appends .ckpt to names without it
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
