@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Text-to-image with PixArt-Σ / PixArt-α on MindSpore.
+"""Text-to-image with PixArt-Σ / PixArt-α (and class-to-image with DiT) on MindSpore.
 
     python sample.py -c configs/inference/pixart-sigma-512-MS.yaml --prompt "a small cactus with a happy face"
     python sample.py -c configs/inference/pixart-sigma-1024-MS.yaml --prompt "..." --image_width 1024 --image_height 512
     python sample.py -c configs/inference/pixart-sigma-1024-MS.yaml --prompt_path prompts.txt --batch_size 4
+    python sample.py -c configs/inference/dit-xl-2-256.yaml --class_labels 207 360 "lesser panda" 974
 
 Every flag can also be set in the YAML config (same name, no dashes); the command line wins.
 Stages run one after another so peak memory is the largest stage, not the sum: the T5
@@ -16,8 +17,8 @@ import time
 import numpy as np
 
 from pixart.cli import entry_point, parse_with_config
-from pixart.cli.inference import (build_parser, load_transformer, lora_label, model_paths, read_control_image,
-                                  read_prompts)
+from pixart.cli.inference import (build_parser, load_transformer, lora_label, model_paths, read_class_labels,
+                                  read_control_image, read_prompts)
 from pixart.errors import ConfigError
 
 
@@ -56,14 +57,26 @@ def encode_text(args, prompts, max_length, device, dtype):
     return TextEmbeddings(emb[:-1], mask[:-1]), TextEmbeddings(emb[-1:], mask[-1:])
 
 
-def load_pipeline(args, dtype):
+def class_rows(args, checkpoint: str):
+    """A DiT's stage 1: class ids instead of text. (rows, the null class, a caption per row)."""
+    from pixart.models.family import read_model_config
+    from pixart.pipelines.text_to_image import ClassLabels
+
+    num_classes = read_model_config(checkpoint).num_classes
+    labels, captions = read_class_labels(args, num_classes)
+    return ClassLabels(np.array(labels, np.int32)), ClassLabels.null(num_classes), captions
+
+
+def load_pipeline(args, dtype, class_conditional: bool):
     """Stage 2: the transformer and the VAE, as a pipeline; the output size is checked before any compute."""
     from pixart.models.autoencoder_kl import AutoencoderKL
     from pixart.pipelines.text_to_image import PixArtPipeline
 
     transformer, _ = load_transformer(args, dtype)
     vae = AutoencoderKL.from_pretrained(args.vae_root, dtype=dtype)
-    pipeline = PixArtPipeline(transformer, vae, mode=args.mode, tiled_decode=args.tiled_decode)
+    channels = args.cfg_channels if args.cfg_channels is not None else (3 if class_conditional else 0)
+    pipeline = PixArtPipeline(transformer, vae, mode=args.mode, tiled_decode=args.tiled_decode,
+                              guided_channels=channels or None)
     pipeline.generation_size(args.image_height, args.image_width, args.use_resolution_binning)
     return pipeline
 
@@ -91,9 +104,10 @@ def generate(args, pipeline, text, negative, jobs, seeds, latents, control_image
 def main(argv=None) -> int:
     parser = build_parser(__doc__)
     args = parse_with_config(parser, argv)
-    prompts = read_prompts(args, parser)
     paths = model_paths(args)
     paths.check()
+    class_conditional = paths.class_conditional
+    prompts = None if class_conditional else read_prompts(args, parser)
     control_image = read_control_image(args)
 
     from pixart.pipelines.loading import check_parts_fit
@@ -106,14 +120,17 @@ def main(argv=None) -> int:
 
     device = setup_device(args.device)
     dtype = compute_dtype(args.dtype, device)
+    if class_conditional:
+        text, negative, prompts = class_rows(args, args.checkpoint)
     jobs = [(p, k) for p in prompts for k in range(args.num_trials)]
     seeds = image_seeds(len(jobs), args.seed)
     latents = load_latents(args.latents, len(jobs)) if args.latents else None
     max_length, size_limits = check_parts_fit(paths, args.model_max_length, args.input_size)
     size_limits.check(args.image_height, args.image_width)
     start = time.perf_counter()
-    text, negative = encode_text(args, prompts, max_length, device, dtype)
-    pipeline = load_pipeline(args, dtype)
+    if not class_conditional:
+        text, negative = encode_text(args, prompts, max_length, device, dtype)
+    pipeline = load_pipeline(args, dtype, class_conditional)
     load_s = time.perf_counter() - start
 
     images, per_step, gen_size = [], [], None

@@ -278,3 +278,28 @@ def test_committed_model_draws_the_prompted_digits(tmp_path):
     predicted, _ = predict(load_classifier(committed_folder(CLASSIFIER)), generated)
     report = evaluate.adherence(predicted, wanted)
     assert report["adherence"] >= ADHERENCE_FLOOR, report
+
+
+def test_committed_bold_lora_thickens_strokes_and_keeps_the_digits(tmp_path):
+    """The shipped style adapter (models/digits-bold-lora, a PEFT folder) on the digits model, the
+    same 40 seeds with and without it: more ink (measured on 560 samples: coverage 0.121 -> 0.160)
+    and still the prompted digits (96.4% there)."""
+    import sample
+    from tools.digits.bold import ink_coverage
+
+    adapter = committed_folder(os.path.join(ROOT, "models", "digits-bold-lora"))
+    rated = {}
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        for name, extra in (("plain", []), ("bold", ["--lora_path", adapter])):
+            out = tmp_path / name
+            assert sample.main(["-c", "configs/inference/pixart-digits.yaml", "--num_trials", "4", "--imagegrid",
+                                "false", "--output_path", str(out), *extra]) == 0
+            generated, wanted, paths, _ = evaluate.read_generated(str(out))
+            predicted, _ = predict(load_classifier(committed_folder(CLASSIFIER)), generated)
+            rated[name] = (ink_coverage(generated), evaluate.adherence(predicted, wanted)["adherence"])
+    finally:
+        os.chdir(cwd)
+    assert rated["bold"][0] > 1.15 * rated["plain"][0], rated
+    assert rated["bold"][1] >= 0.85, rated

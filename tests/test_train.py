@@ -314,3 +314,50 @@ def test_controlnet_training_keeps_the_base_and_resumes(workspace, base_checkpoi
     base, _ = load_pixart(str(base_checkpoint))
     model = load_control_pixart(base, control)  # loads onto the unchanged base
     assert not model.zero_projections()
+
+
+def test_two_stage_recipe_class_dit_then_text_pixart(workspace, tmp_path):
+    """Stage 1 trains a class-conditional DiT from the label file's class ids (from the cache, no
+    T5); stage 2 starts the text-conditioned PixArt from it: exactly the shared tensors are loaded
+    (lr 1e-12 keeps them as loaded), the run lists loaded / new / dropped, mismatches are refused."""
+    from pixart.models.pixart_checkpoint import read_mindspore_checkpoint
+
+    with open(workspace["folder"] / "labels.json") as f:
+        records = json.load(f)
+    labels = tmp_path / "classes.json"  # class ids and no captions
+    labels.write_text(json.dumps([dict(path=r["path"], class_id=i % 3) for i, r in enumerate(records)]))
+    dit = ["--model", "DiT-XL-2-256x256", "--model_config", json.dumps(
+        {"depth": 2, "hidden_size": 64, "num_heads": 4, "input_size": 8, "num_classes": 3})]
+    class_cache = tmp_path / "class-cache"
+    run_tool("tools/cache_features.py", "-c", workspace["config"], "--json_path", labels, "--feature_cache",
+             class_cache, *dit)
+    stage1 = tmp_path / "stage1"
+    train(workspace, stage1, "--feature_cache", class_cache, "--json_path", labels, "--max_steps", "3", *dit)
+    assert np.isfinite([float(r["loss"]) for r in read_log(stage1)]).all()
+    stage1_ckpt = stage1 / "checkpoints" / "step-00000003" / "model.ckpt"
+    class_weights = read_mindspore_checkpoint(str(stage1_ckpt))[0]
+    assert "y_embedder.embedding_table.weight" in class_weights
+
+    stage2 = tmp_path / "stage2"
+    proc = train(workspace, stage2, "--feature_cache", workspace["cache"], "--max_steps", "1", "--lr", "1e-12",
+                 "--init_from", stage1_ckpt)
+    report = proc.stderr + proc.stdout
+    assert "loaded 24 tensors, 22 new, 7 dropped" in report, report[-3000:]
+    assert "dropped: blocks.{0-1}.adaLN_modulation.1.bias" in report
+    text_weights = final_weights(stage2, 1)
+    shared = [k for k in text_weights if k in class_weights]
+    assert len(shared) == 24 and "blocks.1.attn.qkv.weight" in shared and "t_embedder.mlp.2.weight" in shared
+    for name in shared:
+        np.testing.assert_allclose(text_weights[name], class_weights[name], rtol=0, atol=1e-9, err_msg=name)
+
+    wider = dict(TINY_MODEL, hidden_size=32, num_heads=2)
+    for extra, message in [(["--model_config", json.dumps(wider)], "other shapes, so it is another architecture"),
+                           (["--checkpoint", stage1_ckpt], "give one of them")]:
+        proc = train(workspace, tmp_path / "refused", "--feature_cache", workspace["cache"], "--max_steps", "1",
+                     "--init_from", stage1_ckpt, *extra, check=False)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    missing = tmp_path / "no-class.json"
+    missing.write_text(json.dumps(records))
+    proc = train(workspace, tmp_path / "no-class", "--feature_cache", workspace["cache"], "--json_path", missing,
+                 "--max_steps", "1", *dit, check=False)
+    assert proc.returncode == 1 and "bad class id" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr

@@ -8,7 +8,8 @@
 
 Training from the cache loads neither T5 nor the VAE (the maintainers' own advice for slow
 finetuning). Entries are one .npz per image and bucket size; existing entries are kept,
-so an interrupted run resumes where it stopped. It reads the same config as train.py.
+so an interrupted run resumes where it stopped. It reads the same config as train.py; for a
+class-conditional DiT (``--model DiT-...``) it caches the VAE posteriors alone.
 """
 import os
 import sys
@@ -48,6 +49,7 @@ def batches_of_one_size(records, indices, batch_size: int):
 def main(argv=None) -> int:
     from pixart.data.cache import CacheEntry, cache_path, write_cache_entry
     from pixart.data.dataset import CAPTION_FIELDS, TrainDataset
+    from pixart.models.family import is_class_conditional
     from pixart.runtime import setup_device
     from pixart.training.features import NULL_CAPTION_FILE, FeatureEncoder
 
@@ -62,13 +64,15 @@ def main(argv=None) -> int:
     setup_device(args.device)
     cfg = TrainConfig.from_namespace(args)
     config = model_config(cfg)
-    encoder = FeatureEncoder.from_folders(args.vae_root, args.tokenizer_root, args.text_encoder_root,
-                                          config.model_max_length)
+    classes = (cfg.class_field, config.num_classes) if is_class_conditional(config) else None
+    encoder = FeatureEncoder.from_folders(args.vae_root) if classes else \
+        FeatureEncoder.from_folders(args.vae_root, args.tokenizer_root, args.text_encoder_root, config.model_max_length)
     dataset = TrainDataset(args.json_path, args.image_dir, args.image_size, multi_scale=args.multi_scale,
                            divisor=encoder.vae.config.downsample_factor * config.patch_size, verify_images=True,
-                           control=cfg.control_source)
+                           control=cfg.control_source, classes=classes)
     os.makedirs(args.feature_cache, exist_ok=True)
-    np.savez(os.path.join(args.feature_cache, NULL_CAPTION_FILE), emb=encoder.null_caption(),
+    null_caption = np.zeros((0,), np.float32) if classes else encoder.null_caption()
+    np.savez(os.path.join(args.feature_cache, NULL_CAPTION_FILE), emb=null_caption,
              scaling_factor=encoder.vae.scaling_factor, shift_factor=encoder.vae.shift_factor)
     todo = [i for i, r in enumerate(dataset.records)
             if not entry_complete(cache_path(args.feature_cache, r.path, r.size), bool(cfg.control_source))]
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
             if cfg.control_source:  # the control image's latents (posterior mean), as the pipeline encodes it
                 control = encoder.encode_images(np.stack([dataset.load_control(i) for i in batch]))[0]
             captions = {}
-            for field in CAPTION_FIELDS:
+            for field in () if classes else CAPTION_FIELDS:
                 texts = [dataset.records[i].captions.get(field) or "" for i in batch]
                 emb, mask = encoder.encode_captions(texts)
                 captions[field] = (emb.astype(np.float16 if args.cache_fp16 else np.float32), mask)

@@ -54,6 +54,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--prompt_path", help="text file, one prompt per line (blank lines skipped); on the command "
                                          "line it replaces the config's prompt list, --prompt adds to it")
     g.add_argument("--negative_prompt", default="", help="what to steer away from (default: empty, as diffusers)")
+    g = p.add_argument_group("classes (a class-conditional DiT checkpoint, instead of prompts)")
+    g.add_argument("--class_labels", nargs="+", type=class_label, help="class ids, or names from --class_names (e.g. 207 360 'golden "
+                                                     "retriever'); one image per label and trial")
+    g.add_argument("--class_names", help="text file naming the classes, line k naming class k (ImageNet: "
+                                         "configs/labels/imagenet.txt)")
+    g.add_argument("--cfg_channels", type=guided_channels, default=None,
+                   help="latent channels classifier-free guidance mixes: 'all' (diffusers' DiTPipeline and "
+                        "PixArt pipelines) or a count; the official DiT sampler (forward_with_cfg) guides the first 3 "
+                        "of 4 and keeps the conditional branch's fourth. Default: 3 for a DiT, all for PixArt")
     g = p.add_argument_group("sampling")
     g.add_argument("--image_height", type=positive_int, default=1024, help="output height in pixels")
     g.add_argument("--image_width", type=positive_int, default=1024, help="output width in pixels")
@@ -83,6 +92,59 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--imagegrid", type=str2bool, default=False, help="also save a grid of all images")
     g.add_argument("--device", choices=DEVICES, default=None, help="MindSpore device (default: the installed backend)")
     return p
+
+
+def class_label(value) -> str:
+    """--class_labels item: an id or a name (YAML may give ids as numbers)."""
+    text = str(value).strip()
+    if not text:
+        raise argparse.ArgumentTypeError("empty class label")
+    return text
+
+
+def guided_channels(text: str) -> int:
+    """--cfg_channels: 'all' (0) or a positive count."""
+    if text == "all":
+        return 0
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a positive number of channels, got {text!r}") from None
+
+
+def read_class_names(path: str) -> List[str]:
+    """Class k's name is line k of the file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--class_names: {path!r} not found")
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f]
+
+
+def read_class_labels(args: argparse.Namespace, num_classes: int):
+    """(class ids, a caption per id) of --class_labels for a model of ``num_classes`` classes;
+    a label is an id or a name of --class_names (case does not matter)."""
+    if not args.class_labels:
+        raise ConfigError("a class-conditional checkpoint samples classes: give --class_labels (ids or names)")
+    names = read_class_names(args.class_names) if args.class_names else []
+    ids = {}
+    for k, name in enumerate(names):
+        ids.setdefault(name.lower(), []).append(k)
+    labels = []
+    for label in args.class_labels:
+        if label.isdigit():
+            k = int(label)
+            if k >= num_classes:
+                raise ConfigError(f"--class_labels: {k} is not a class of this model (0 to {num_classes - 1})")
+        else:
+            found = ids.get(label.lower(), [])
+            if len(found) != 1:
+                where = f"in {args.class_names}" if names else "(no --class_names file given)"
+                raise ConfigError(f"--class_labels: {label!r} " + (f"names classes {found}; give the id" if found
+                                                                  else f"is not a class name {where}"))
+            k = found[0]
+        labels.append(k)
+    captions = [f"class {k}" + (f" ({names[k]})" if k < len(names) and names[k] else "") for k in labels]
+    return labels, captions
 
 
 def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]:
@@ -127,9 +189,16 @@ def model_paths(args: argparse.Namespace):
 def load_transformer(args: argparse.Namespace, dtype):
     """The transformer of --checkpoint with the architecture flags applied and the --lora_path
     adapters merged in; (model, LoraMerger or None)."""
+    from pixart.models.family import holds_dit
     from pixart.models.pixart_checkpoint import load_pixart
     from pixart.pipelines.loading import merge_loras
 
+    if holds_dit(args.checkpoint):
+        from pixart.models.dit_checkpoint import load_dit
+
+        if args.lora_path or args.controlnet:
+            raise ConfigError("--lora_path and --controlnet adapt PixArt checkpoints, not a DiT")
+        return load_dit(args.checkpoint, dtype=dtype, input_size=args.input_size)[0], None
     model, _ = load_pixart(args.checkpoint, dtype=dtype, input_size=args.input_size,
                            pe_interpolation=args.pe_interpolation, kv_compress_layers=args.kv_compress_layers,
                            kv_compress_sampling=args.kv_compress_sampling, kv_compress_ratio=args.kv_compress_ratio)

@@ -20,7 +20,10 @@ Records that cannot be trained on are skipped with a warning and counted by reas
   r_min..r_max is the bucket table's range (0.25..4.0 for every official table, giving
   [0.222, 4.5]; the 4.5 cap is the official loader's). Beyond it the crop to the extreme
   bucket would throw away more than 1/9 of the long side on top of the bucket's own shape;
-* ``empty caption``: both ``prompt`` and ``sharegpt4v`` are empty or whitespace;
+* ``empty caption``: both ``prompt`` and ``sharegpt4v`` are empty or whitespace (text-conditioned
+  training only);
+* ``bad class id``: (class-conditioned training only) the class field is not an integer from 0
+  to the model's class count - 1;
 * ``missing cache entry``: (feature-cache mode only) no cache file for the record.
 
 A summary of the counts is logged at start; if nothing is left a :class:`DatasetError`
@@ -69,6 +72,7 @@ class Record:
         bucket: ratio key of the bucket it trains in.
         size: (height, width) it is resized and cropped to.
         control_file: the full path of its ControlNet control image, when the label file names one.
+        class_id: its class, for class-conditioned training.
     """
     path: str
     file: str
@@ -78,6 +82,7 @@ class Record:
     bucket: str
     size: Size
     control_file: Optional[str] = None
+    class_id: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -106,7 +111,8 @@ class LoadSummary:
 
 def load_records(json_path: str, image_dir: str, table: BucketTable, fixed_size: Optional[Size] = None,
                  verify_images: bool = True, cache_dir: Optional[str] = None,
-                 control_field: Optional[str] = None) -> Tuple[List[Record], LoadSummary]:
+                 control_field: Optional[str] = None, classes: Optional[Tuple[str, int]] = None
+                 ) -> Tuple[List[Record], LoadSummary]:
     """Read and validate the label file.
 
     Args:
@@ -119,6 +125,8 @@ def load_records(json_path: str, image_dir: str, table: BucketTable, fixed_size:
         cache_dir: feature-cache folder; records without an entry there are skipped.
         control_field: label field naming each record's control image (ControlNet training);
             records without a readable one are skipped.
+        classes: (label field, number of classes) for class-conditioned training: records need
+            an integer class id there, and no caption.
     Returns:
         (usable records in label-file order, summary). Raises DatasetError if none is usable.
     """
@@ -146,7 +154,14 @@ def load_records(json_path: str, image_dir: str, table: BucketTable, fixed_size:
             skip("malformed record", where, f"captions {list(CAPTION_FIELDS)} must be strings")
             continue
         captions = {field: text.strip() for field, text in captions.items()}
-        if not any(captions.values()):
+        class_id = None
+        if classes:
+            class_id = item.get(classes[0])
+            if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id < classes[1]:
+                skip("bad class id", where, f"'{classes[0]}' is {class_id!r}, expected an integer class id from 0 "
+                                            f"to {classes[1] - 1}")
+                continue
+        elif not any(captions.values()):
             skip("empty caption", where, "both 'prompt' and 'sharegpt4v' are empty")
             continue
         file = os.path.join(image_dir, item["path"])
@@ -176,7 +191,7 @@ def load_records(json_path: str, image_dir: str, table: BucketTable, fixed_size:
                 continue
         if _label_disagrees(item, height, width):
             summary.label_size_mismatch += 1
-        records.append(Record(item["path"], file, captions, height, width, bucket, size, control_file))
+        records.append(Record(item["path"], file, captions, height, width, bucket, size, control_file, class_id))
 
     counts = collections.Counter(r.bucket for r in records)
     summary.bucket_counts = {k: counts[k] for k in sorted(counts, key=float)}
@@ -263,12 +278,14 @@ class TrainDataset:
         verify_images: fully decode every image at start (see :func:`load_records`).
         control: for ControlNet training, (label field of the control image or None, "none" or
             "canny"): samples then carry a control image (or its cached latents).
+        classes: for class-conditioned training, (label field of the class id, number of
+            classes): samples then carry ``class_id`` and no caption features.
     """
 
     def __init__(self, json_path: str, image_dir: str, image_size: int, *, multi_scale: bool = True,
                  real_prompt_ratio: float = 0.5, seed: int = 0, divisor: int = DEFAULT_DIVISOR,
                  cache_dir: Optional[str] = None, verify_images: bool = True,
-                 control: Optional[Tuple[Optional[str], str]] = None):
+                 control: Optional[Tuple[Optional[str], str]] = None, classes: Optional[Tuple[str, int]] = None):
         if not 0.0 <= real_prompt_ratio <= 1.0:
             raise ValueError(f"real_prompt_ratio must be in [0, 1], got {real_prompt_ratio}")
         if not os.path.isdir(image_dir):
@@ -283,9 +300,10 @@ class TrainDataset:
         self.resample = Image.LANCZOS if image_size >= 2048 else Image.BICUBIC
         fixed = None if multi_scale else (image_size, image_size)
         self.control = control
+        self.class_conditioned = classes is not None
         self.records, self.summary = load_records(json_path, image_dir, self.table, fixed,
                                                   verify_images=verify_images, cache_dir=cache_dir,
-                                                  control_field=control[0] if control else None)
+                                                  control_field=control[0] if control else None, classes=classes)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -334,13 +352,16 @@ class TrainDataset:
         Image mode adds ``image`` float32 (3, H, W) in [-1, 1]. Cache mode adds instead
         ``latent_mean``, ``latent_std`` float32 (C, H/f, W/f), ``caption_emb`` float32
         (L, D) and ``caption_mask`` int32 (L,). With a ControlNet: ``control`` (3, H, W), or
-        from the cache ``control_mean`` (C, H/f, W/f).
+        from the cache ``control_mean`` (C, H/f, W/f). Class-conditioned: ``class_id`` int32 (),
+        and no caption features from the cache.
         """
         record = self.records[index]
         field, text = self.choose_caption(index, epoch)
         sample = {"caption": text,
                   "img_hw": np.array([record.height, record.width], dtype=np.float32),
                   "aspect_ratio": np.float32(record.bucket)}
+        if self.class_conditioned:
+            sample["class_id"] = np.int32(record.class_id)
         if self.cache_dir is None:
             sample["image"] = self.load_image(index)
             if self.control:
@@ -348,19 +369,23 @@ class TrainDataset:
             return sample
         path = cache_path(self.cache_dir, record.path, record.size)
         entry = read_cache_entry(path)
-        if field not in entry.captions:
-            raise DatasetError(f"{path}: cache entry of '{record.path}' has no embedding for its "
-                               f"'{field}' caption; re-run the feature-caching tool")
-        emb, mask = entry.captions[field]
-        sample.update(latent_mean=entry.latent_mean.astype(np.float32),
-                      latent_std=entry.latent_std.astype(np.float32),
-                      caption_emb=emb.astype(np.float32), caption_mask=mask.astype(np.int32))
+        sample.update(latent_mean=entry.latent_mean.astype(np.float32), latent_std=entry.latent_std.astype(np.float32))
+        if not self.class_conditioned:
+            sample.update(self._cached_caption(path, record, entry, field))
         if self.control:
             if entry.control_mean is None:
                 raise DatasetError(f"{path}: cache entry of '{record.path}' has no control latents; re-run the "
                                    f"feature-caching tool with the ControlNet settings")
             sample["control_mean"] = entry.control_mean.astype(np.float32)
         return sample
+
+    @staticmethod
+    def _cached_caption(path: str, record: Record, entry, field: str) -> dict:
+        if field not in entry.captions:
+            raise DatasetError(f"{path}: cache entry of '{record.path}' has no embedding for its "
+                               f"'{field}' caption; re-run the feature-caching tool")
+        emb, mask = entry.captions[field]
+        return dict(caption_emb=emb.astype(np.float32), caption_mask=mask.astype(np.int32))
 
 
 def collate(samples: Sequence[dict]) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from pixart.models.pixart import Linear, PixArt, PixArtBlock
+from pixart.models.pixart import Conditioning, Linear, PixArt, PixArtBlock
 
 # the number of base blocks PixArt-δ copies for XL/2 (of 28)
 OFFICIAL_CONTROL_BLOCKS = 13
@@ -58,6 +58,7 @@ class ControlPixArt(nn.Cell):
     construct(x, timestep, cond): as ``PixArt``, with ``cond.control`` the (B, C, H, W) latents of
     the control image (VAE-encoded, times the VAE's scaling factor), the shape of x.
     """
+    conditioning = Conditioning
 
     def __init__(self, base_model: PixArt, num_blocks: int = OFFICIAL_CONTROL_BLOCKS):
         super().__init__()

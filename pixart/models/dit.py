@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 import numpy as np
 import mindspore as ms
@@ -30,6 +30,7 @@ from pixart.models.pixart import (Kernels, LayerNorm, Linear, Mlp, PatchEmbed, S
 @dataclasses.dataclass
 class DiTConfig:
     """Architecture of a DiT; XL/2 at 256px by default."""
+    checkpoint_key: ClassVar[str] = "dit_config"  # the entry of our .ckpt files holding it
     input_size: int = 32            # latent side (image side / 8)
     patch_size: int = 2
     in_channels: int = 4
@@ -145,6 +146,7 @@ class DiT(nn.Cell):
     """construct(x, timestep, cond) -> (B, out_channels, H, W) float32; x (B, C, H, W) latents
     of any size divisible by the patch (the position embedding is computed for it, as the
     official one is for its trained size), cond a ``ClassConditioning``."""
+    conditioning = ClassConditioning
 
     def __init__(self, config: DiTConfig, dtype=ms.float32, kernels: Optional[Kernels] = None):
         super().__init__()
@@ -179,6 +181,11 @@ class DiT(nn.Cell):
         p, channels = self.config.patch_size, self.config.out_channels
         out = out.reshape(out.shape[0], h, w, p, p, channels).transpose(0, 5, 1, 3, 2, 4)
         return out.reshape(out.shape[0], channels, h * p, w * p).astype(ms.float32)
+
+    def enable_recompute(self):
+        """Activation checkpointing per block."""
+        for block in self.blocks:
+            block.recompute()
 
     def adapter_slots(self):
         slots = {name: cell for name, cell in self.cells_and_names() if isinstance(cell, Linear)}

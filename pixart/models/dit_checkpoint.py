@@ -13,7 +13,7 @@ from pixart.errors import ModelLoadError
 from pixart.models.dit import DiTConfig
 
 StateDict = Dict[str, np.ndarray]
-CONFIG_KEY = "dit_config"
+CONFIG_KEY = DiTConfig.checkpoint_key
 
 # diffusers module -> official module ("#" a block index). diffusers repeats the timestep and class
 # embedders in every block's AdaLayerNormZero; they are one module in DiT (block 0's is read).
@@ -155,4 +155,4 @@ def load_dit(path: str, dtype=None, kernels=None, **overrides):
 def save_dit_checkpoint(sd: StateDict, config: DiTConfig, path: str, dtype: str = "fp32") -> None:
     from pixart.models.pixart_checkpoint import save_mindspore_checkpoint
 
-    save_mindspore_checkpoint(sd, config, path, dtype=dtype, config_key=CONFIG_KEY)
+    save_mindspore_checkpoint(sd, config, path, dtype=dtype)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import lru_cache
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -27,6 +27,7 @@ MASK_BIAS = -10000.0  # what diffusers adds for padded caption tokens; exp() of 
 @dataclasses.dataclass
 class PixArtConfig:
     """Architecture of a PixArt transformer. XL/2 defaults; see ``PRESETS`` for checkpoints."""
+    checkpoint_key: ClassVar[str] = "pixart_config"  # the entry of our .ckpt files holding it
     input_size: int = 128           # latent side the checkpoint was trained at (image side / 8)
     patch_size: int = 2
     in_channels: int = 4
@@ -557,6 +558,7 @@ class PixArt(nn.Cell):
     to tokens and block inputs), ``run_blocks`` (the one block loop, which also takes per-block
     residuals from a control branch) and ``head`` (final layer and unpatchify).
     """
+    conditioning = Conditioning  # what construct's ``cond`` is (trainers and samplers build it by its fields)
 
     def __init__(self, config: PixArtConfig, dtype=ms.float32, kernels: Optional[Kernels] = None):
         super().__init__()

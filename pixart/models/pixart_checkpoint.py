@@ -360,20 +360,20 @@ def diffusers_config(config: PixArtConfig) -> dict:
 # MindSpore checkpoints
 # ----------------------------------------------------------------------------------------
 
-CONFIG_KEY = "pixart_config"
+CONFIG_KEY = PixArtConfig.checkpoint_key
 
 
 def save_mindspore_checkpoint(sd: StateDict, config, path: str, dtype: str = "fp32",
-                              extra: Optional[dict] = None, config_key: str = CONFIG_KEY) -> None:
-    """Write tensors plus the architecture (JSON under ``config_key``: ``pixart_config``, or
-    ``dit_config`` for a DiT) as a ``.ckpt``, atomically: nothing appears at ``path`` unless the
-    whole file was written."""
+                              extra: Optional[dict] = None) -> None:
+    """Write tensors plus the architecture (JSON under the config's ``checkpoint_key``:
+    ``pixart_config`` or ``dit_config``) as a ``.ckpt``, atomically: nothing appears at ``path``
+    unless the whole file was written."""
     import mindspore as ms
 
     from pixart.runtime import ms_dtype
 
     params = [{"name": k, "data": ms.Tensor(np.asarray(v, np.float32)).astype(ms_dtype(dtype))} for k, v in sd.items()]
-    append = {config_key: json.dumps(config.to_dict())}
+    append = {config.checkpoint_key: json.dumps(config.to_dict())}
     append.update(extra or {})
     tmp = path + ".tmp.ckpt"  # MindSpore appends .ckpt to names without it
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

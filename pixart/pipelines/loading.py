@@ -1,7 +1,8 @@
 """Loading the four parts of a text-to-image model from where users keep them.
 
 A model is a transformer checkpoint (anything ``tools/convert.py`` reads, normally its
-``.ckpt``), a diffusers VAE folder, a T5 encoder folder and its tokenizer folder. These
+``.ckpt``), a diffusers VAE folder, a T5 encoder folder and its tokenizer folder (a class-
+conditional DiT has the first two alone). These
 functions check that each is there (with a message saying where to get it), load each part in
 the precision its device can run, and check the parts fit together before any compilation.
 """
@@ -18,13 +19,15 @@ WHERE_TO_GET = {
                   "PixArt-alpha/PixArt-Sigma repository on Hugging Face) into models/ and convert it:\n"
                   "  python tools/convert.py --source models/PixArt-Sigma-XL-2-1024-MS.pth "
                   "--target models/PixArt-Sigma-XL-2-1024-MS.ckpt",
-    "vae_root": "Download the vae/ folder of PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers (SDXL VAE; for "
-                "PixArt-α the SD VAE, sd-vae-ft-ema) to models/vae.",
+    "vae_root": "Download your model's VAE folder to models/vae: PixArt-Σ's is the vae/ folder of "
+                "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers (SDXL VAE); PixArt-α and DiT use the SD VAE "
+                "(stabilityai/sd-vae-ft-ema).",
     "text_encoder_root": "Download the text_encoder/ folder of PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers "
                          "(T5-v1.1-XXL encoder) to models/text_encoder.",
     "tokenizer_root": "Download the tokenizer/ folder of PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers "
                       "to models/tokenizer.",
 }
+TEXT_PARTS = ("text_encoder_root", "tokenizer_root")
 
 
 @dataclasses.dataclass
@@ -36,9 +39,17 @@ class ModelPaths:
     tokenizer_root: Optional[str]
     extra_paths: Sequence[str] = ()   # LoRA adapters, a ControlNet
 
+    @property
+    def class_conditional(self) -> bool:
+        """Whether the checkpoint (which must exist) is a class-conditional DiT, which needs no T5."""
+        from pixart.models.family import holds_dit
+        return holds_dit(self.checkpoint)
+
     def check(self) -> None:
         """ConfigError naming the first part that is not set or not there, and where to get it."""
         for key, help_text in WHERE_TO_GET.items():
+            if key in TEXT_PARTS and self.class_conditional:
+                continue
             path = getattr(self, key)
             if not path:
                 raise ConfigError(f"--{key} is not set (nor in the config).\n{help_text}")
@@ -53,16 +64,17 @@ def check_parts_fit(paths: ModelPaths, model_max_length: Optional[int] = None, i
     """Check, from their configs alone and before any model is loaded or compiled, that the parts
     are one model: the T5 width is the transformer's caption width, the VAE's latent channels
     its input channels, and a requested token length the one it was trained with (300 Σ,
-    120 α). Returns (the token length, the image ``SizeLimits``); ConfigError naming the
+    120 α). Returns (the token length (None for a DiT), the image ``SizeLimits``); ConfigError naming the
     mismatch otherwise. ``input_size`` overrides the checkpoint's trained latent size."""
     from pixart.models.autoencoder_kl import AutoencoderKLConfig
-    from pixart.models.pixart_checkpoint import read_config
+    from pixart.models.family import is_class_conditional, read_model_config
     from pixart.pipelines.text_to_image import SizeLimits
     from pixart.utils.hf_folder import read_folder_config
 
-    config = read_config(paths.checkpoint)
-    d_model = read_folder_config(paths.text_encoder_root, "T5 text encoder").get("d_model")
-    if d_model != config.caption_channels:
+    config = read_model_config(paths.checkpoint)
+    text = not is_class_conditional(config)
+    d_model = read_folder_config(paths.text_encoder_root, "T5 text encoder").get("d_model") if text else None
+    if text and d_model != config.caption_channels:
         raise ConfigError(f"the transformer {paths.checkpoint} reads {config.caption_channels}-channel caption "
                           f"features, but the text encoder {paths.text_encoder_root} makes {d_model}-channel ones: "
                           f"they are not parts of one model")
@@ -71,14 +83,15 @@ def check_parts_fit(paths: ModelPaths, model_max_length: Optional[int] = None, i
     if latent_channels != config.in_channels:
         raise ConfigError(f"the transformer {paths.checkpoint} denoises {config.in_channels}-channel latents, but "
                           f"the VAE {paths.vae_root} has {latent_channels}: they are not parts of one model")
-    if model_max_length and model_max_length != config.model_max_length:
+    if text and model_max_length and model_max_length != config.model_max_length:
         raise ConfigError(f"--model_max_length {model_max_length} does not match the checkpoint's "
                           f"{config.model_max_length} tokens")
     try:
         vae_factor = AutoencoderKLConfig.from_hf(vae).downsample_factor
     except (TypeError, ValueError) as e:
         raise ConfigError(f"VAE: {paths.vae_root}/config.json: {e}") from None
-    return config.model_max_length, SizeLimits.for_model(input_size or config.input_size, config.patch_size, vae_factor)
+    max_length = config.model_max_length if text else None
+    return max_length, SizeLimits.for_model(input_size or config.input_size, config.patch_size, vae_factor)
 
 
 def load_text_encoder(folder: str, device: str, dtype):

@@ -1,21 +1,23 @@
-"""Text-to-image sampling with a PixArt transformer, as diffusers' ``PixArtSigmaPipeline`` does it.
+"""Sampling with a PixArt transformer, as diffusers' ``PixArtSigmaPipeline`` does it, or with a
+class-conditional DiT, as ``DiTPipeline`` and the official DiT ``sample.py`` do it.
 
 Stages, each usable on its own so a caller can free one model before loading the next:
     text   prompts -> T5 embeddings + masks           (pixart.models.text_encoder)
+           (a DiT: class ids, ``ClassLabels``)
     denoise latents <- sampler steps over the transformer with classifier-free guidance
     decode  latents -> VAE -> uint8 images, resized back from the resolution bucket
 
 Conventions (diffusers'): the unconditional branch is the negative prompt (default "")
-with its own tokens and mask; guidance ``uncond + g * (cond - uncond)`` on the eps
-channels; with a learned variance the IDDPM sampler gets the conditional branch's
-variance values (the official ``forward_with_cfg`` also guides only 3 of 4 eps channels,
-a DiT leftover we do not copy).
+with its own tokens and mask, or a DiT's null class; guidance ``uncond + g * (cond - uncond)``
+on the eps channels; with a learned variance the IDDPM sampler gets the conditional branch's
+variance values. The official DiT ``forward_with_cfg`` guides only the first 3 of the 4 eps
+channels (the fourth is the conditional branch's, unguided): ``guided_channels=3`` does that.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import mindspore as ms
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 from pixart.data.buckets import resize_and_center_crop, resolution_binning
 from pixart.diffusion.samplers import make_sampler
 from pixart.errors import InputError
+from pixart.models.dit import ClassConditioning, DiTConfig
 from pixart.models.pixart import BlockStreamedForward, Conditioning
 from pixart.utils.seeds import image_seeds
 
@@ -72,6 +75,45 @@ class TextEmbeddings:
     def take(self, index) -> "TextEmbeddings":
         return TextEmbeddings(self.embeddings[index], self.mask[index])
 
+    @staticmethod
+    def join(parts: Sequence["TextEmbeddings"]) -> "TextEmbeddings":
+        """The rows of every part, in order (guidance: the unconditional rows, then the conditional)."""
+        return TextEmbeddings(np.concatenate([p.embeddings for p in parts]), np.concatenate([p.mask for p in parts]))
+
+    def conditioning(self, height: int, width: int, control: Optional[np.ndarray] = None) -> Conditioning:
+        """The transformer's conditioning for one row per text, sampling at height x width pixels;
+        ``control``: a ControlNet's control latents (1, C, h, w), the same for every row."""
+        rows = len(self)
+        return Conditioning.of(self.embeddings, self.mask, resolution=np.tile([[height, width]], (rows, 1)),
+                               aspect_ratio=np.full((rows, 1), height / width),
+                               control=None if control is None else np.repeat(control, rows, axis=0))
+
+
+@dataclasses.dataclass
+class ClassLabels:
+    """What a class-conditional DiT samples: labels (B,) int class ids; the model's ``num_classes``
+    is the null class, the unconditional branch of guidance (``ClassLabels.null``)."""
+    labels: np.ndarray
+
+    def __len__(self):
+        return len(self.labels)
+
+    @classmethod
+    def null(cls, num_classes: int, rows: int = 1) -> "ClassLabels":
+        return cls(np.full((rows,), num_classes, np.int32))
+
+    def take(self, index) -> "ClassLabels":
+        return ClassLabels(np.asarray(self.labels)[index])
+
+    @staticmethod
+    def join(parts: Sequence["ClassLabels"]) -> "ClassLabels":
+        return ClassLabels(np.concatenate([np.asarray(p.labels) for p in parts]))
+
+    def conditioning(self, height: int, width: int, control: Optional[np.ndarray] = None) -> ClassConditioning:
+        if control is not None:
+            raise InputError("a class-conditional DiT takes no control image")
+        return ClassConditioning.of(np.asarray(self.labels, np.int32))
+
 
 def bilinear_resize_and_crop(images: np.ndarray, height: int, width: int) -> np.ndarray:
     """(B, C, H, W) float -> (B, C, height, width): scale to cover, bilinear with half-pixel
@@ -112,14 +154,22 @@ class GuidedDenoiser:
     large images on CPU), ``pynative`` runs eagerly. In both compiled modes each distinct input
     shape compiles once; timestep and guidance scale are tensor inputs, so steps, seeds,
     prompts and guidance values reuse the same graphs.
+
+    guided_channels: how many leading eps channels guidance mixes (default: all of them); the
+    others are the conditional branch's, as the variance values are.
     """
 
-    def __init__(self, model, mode: str = "graph"):
+    def __init__(self, model, mode: str = "graph", guided_channels: Optional[int] = None):
         if mode not in EXECUTION_MODES:
             raise InputError(f"mode must be one of {', '.join(EXECUTION_MODES)}, got {mode!r}")
+        channels = model.config.in_channels
+        if guided_channels is not None and not 1 <= guided_channels <= channels:
+            raise InputError(f"guided channels must be from 1 to the model's {channels}, got {guided_channels}")
+        if mode == "streamed" and not hasattr(model, "run_blocks"):
+            raise InputError("streamed mode runs PixArt blocks; use graph or pynative for this model")
         self.model = model
         self.forward = BlockStreamedForward(model) if mode == "streamed" else model
-        self.latent_channels = model.config.in_channels
+        self.guided_channels = guided_channels or channels
         compile_ = ms.jit if mode == "graph" else (lambda fn: fn)
         self._guided = compile_(self._guided_forward)
         self._plain = compile_(self._plain_forward)
@@ -127,7 +177,7 @@ class GuidedDenoiser:
     def _guided_forward(self, x, t, guidance, *cond):
         """x (B, C, H, W); cond fields for 2B rows, the unconditional half first."""
         b = x.shape[0]
-        c = self.latent_channels
+        c = self.guided_channels
         x2 = ops.concat([x, x], axis=0)
         t2 = ops.broadcast_to(t.reshape(1), (2 * b,))
         out = self.forward(x2, t2, cond)
@@ -139,16 +189,7 @@ class GuidedDenoiser:
         t1 = ops.broadcast_to(t.reshape(1), (x.shape[0],))
         return self.forward(x, t1, cond)
 
-    def conditioning(self, texts: TextEmbeddings, height: int, width: int,
-                     control: Optional[np.ndarray] = None) -> Conditioning:
-        """The transformer's conditioning for one row per text, sampling at height x width pixels;
-        ``control``: a ControlNet's control latents (1, C, h, w), the same for every row."""
-        rows = len(texts)
-        return Conditioning.of(texts.embeddings, texts.mask, resolution=np.tile([[height, width]], (rows, 1)),
-                               aspect_ratio=np.full((rows, 1), height / width),
-                               control=None if control is None else np.repeat(control, rows, axis=0))
-
-    def __call__(self, latents: np.ndarray, t: int, cond: Conditioning, guidance_scale: Optional[float] = None
+    def __call__(self, latents: np.ndarray, t: int, cond, guidance_scale: Optional[float] = None
                  ) -> np.ndarray:
         """latents (B, C, h, w); cond for B rows, or for 2B rows (unconditional first) with a
         guidance scale. Returns (B, out_channels, h, w) float32."""
@@ -168,17 +209,18 @@ class SamplingResult:
 
 
 class PixArtPipeline:
-    """Transformer + VAE sampling from precomputed text embeddings.
+    """Transformer + VAE sampling from precomputed text embeddings (or a DiT's class labels).
 
-    ``transformer`` is a loaded PixArt cell; ``vae`` an ``AutoencoderKL``. Text encoding is
-    separate (see ``pixart.models.text_encoder``) so the 4.7B-parameter T5 can be released
-    before these models are loaded.
+    ``transformer`` is a loaded PixArt (or DiT) cell; ``vae`` an ``AutoencoderKL``. Text encoding
+    is separate (see ``pixart.models.text_encoder``) so the 4.7B-parameter T5 can be released
+    before these models are loaded. ``guided_channels``: see ``GuidedDenoiser``.
     """
 
-    def __init__(self, transformer, vae, mode: str = "graph", tiled_decode: bool = True):
+    def __init__(self, transformer, vae, mode: str = "graph", tiled_decode: bool = True,
+                 guided_channels: Optional[int] = None):
         self.transformer = transformer
         self.vae = vae
-        self.denoiser = GuidedDenoiser(transformer, mode)
+        self.denoiser = GuidedDenoiser(transformer, mode, guided_channels)
         self.tiled_decode = tiled_decode
         self.vae_factor = vae.config.downsample_factor
         self.patch = transformer.config.patch_size
@@ -193,11 +235,12 @@ class PixArtPipeline:
         return SizeLimits.for_model(self.transformer.config.input_size, self.patch, self.vae_factor)
 
     def generation_size(self, height: int, width: int, use_resolution_binning: bool) -> Tuple[int, int]:
-        """The (height, width) to sample at: the nearest bucket of the model's table when binning."""
+        """The (height, width) to sample at: the nearest bucket of the model's table when binning
+        (PixArt's aspect-ratio tables; a DiT saw squares only and samples as asked)."""
         limits = self.size_limits
         limits.check(height, width)
         input_size = self.transformer.config.input_size
-        if use_resolution_binning and input_size in BINNING_TABLES:
+        if use_resolution_binning and input_size in BINNING_TABLES and not isinstance(self.transformer.config, DiTConfig):
             height, width = resolution_binning(height, width, BINNING_TABLES[input_size])
         unit = limits.step
         if height % unit or width % unit:
@@ -211,7 +254,8 @@ class PixArtPipeline:
         shape = (self.transformer.config.in_channels, height // self.vae_factor, width // self.vae_factor)
         return np.stack([np.random.default_rng(s).standard_normal(shape).astype(np.float32) for s in seeds])
 
-    def __call__(self, cond: TextEmbeddings, uncond: Optional[TextEmbeddings], height: int, width: int,
+    def __call__(self, cond: Union[TextEmbeddings, ClassLabels], uncond: Optional[Union[TextEmbeddings, ClassLabels]],
+                 height: int, width: int,
                  sampling_method: str = "dpm", sampling_steps: int = 20, guidance_scale: float = 4.5,
                  seeds: Optional[Sequence[int]] = None, latents: Optional[np.ndarray] = None,
                  use_resolution_binning: bool = True, progress: bool = True,
@@ -234,10 +278,9 @@ class PixArtPipeline:
                                noise=lambda shape: np.stack([g.standard_normal(shape[1:]) for g in step_noise]))
         latents = latents * np.float32(sampler.init_noise_sigma)
         guided = sampler.classifier_free_guidance and guidance_scale > 1.0 and uncond is not None
-        texts = TextEmbeddings(np.concatenate([uncond.embeddings, cond.embeddings]),
-                               np.concatenate([uncond.mask, cond.mask])) if guided else cond
+        rows = cond.join([uncond, cond]) if guided else cond
         control = None if control_image is None else self.control_latents(control_image, control_strength, gen_h, gen_w)
-        conditioning = self.denoiser.conditioning(texts, gen_h, gen_w, control)
+        conditioning = rows.conditioning(gen_h, gen_w, control)
         channels = sampler.model_channels(self.transformer.config.in_channels)
         step_times = []
         for i, t in enumerate(tqdm(sampler.timesteps, desc=f"{sampling_method} {gen_h}x{gen_w}", disable=not progress,

@@ -38,13 +38,21 @@ class TrainConfig:
     real_prompt_ratio: float = option(0.5, "probability of the original `prompt` over the `sharegpt4v` caption",
                                       "data")
     num_workers: int = option(2, "image loading threads", "data")
+    class_field: str = option("class_id", "label field holding each image's integer class id, read when training a "
+                                          "class-conditional DiT (--model DiT-...)", "data")
     # model
     checkpoint: Optional[str] = option(None, "initial weights (.ckpt from tools/convert.py or a training "
                                              "checkpoint); the architecture comes from it", "model")
     model: str = option("PixArt-Sigma-XL-2-512-MS", "architecture preset when training from scratch "
-                                                    "(no --checkpoint)", "model")
+                                                    "(no --checkpoint): a PixArt one, or DiT-XL-2-256x256 / "
+                                                    "DiT-XL-2-512x512 for a class-conditional DiT", "model")
     model_config: Optional[dict] = option(None, 'architecture overrides as JSON, e.g. \'{"depth": 4, '
                                                 '"hidden_size": 192}\'', "model", type="json")
+    init_from: Optional[str] = option(None, "start the --model / --model_config architecture from another "
+                                            "checkpoint's tensors whose name and shape match (e.g. stage 2 of "
+                                            "PixArt-α's recipe from a class-conditional stage-1 DiT); the rest keeps "
+                                            "its initialisation, and the run lists what was loaded, new, dropped",
+                                      "model")
     vae_root: Optional[str] = option(None, "diffusers AutoencoderKL folder", "model")
     text_encoder_root: Optional[str] = option(None, "T5 encoder folder", "model")
     tokenizer_root: Optional[str] = option(None, "T5 tokenizer folder", "model")
@@ -129,13 +137,22 @@ class TrainConfig:
         if not self.json_path or not self.image_dir:
             raise ConfigError("--json_path and --image_dir are required (a label file and the image folder)")
         if not self.feature_cache:
-            missing = [k for k in ("vae_root", "text_encoder_root", "tokenizer_root") if not getattr(self, k)]
+            needed = ("vae_root",) if self.class_conditional else ("vae_root", "text_encoder_root", "tokenizer_root")
+            missing = [k for k in needed if not getattr(self, k)]
             if missing:
                 raise ConfigError(f"training from images needs {', '.join('--' + k for k in missing)} "
                                   f"(or --feature_cache from tools/cache_features.py)")
         for key in ("batch_size", "grad_accumulation", "epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key} must be at least 1")
+        if self.init_from and self.checkpoint:
+            raise ConfigError("--init_from starts a new --model architecture from another checkpoint's matching "
+                              "tensors, --checkpoint continues a whole model: give one of them")
+        if self.class_conditional and (self.lora_rank or self.controlnet_blocks or self.objective != "diffusion"
+                                       or self.validation_every):
+            raise ConfigError("a class-conditional DiT trains with the diffusion objective, every weight, without "
+                              "prompts: not with --lora_rank, --controlnet_blocks, --objective lcm or "
+                              "--validation_every")
         if self.lora_rank < 0:
             raise ConfigError(f"--lora_rank must be 0 (off) or positive, got {self.lora_rank}")
         if self.lora_rank and not self.checkpoint:
@@ -154,6 +171,14 @@ class TrainConfig:
                 raise ConfigError("LCM distillation keeps its target network as the EMA of the student: set "
                                   "--ema_decay (0.95 in PixArt-δ)")
         self.lora_spec()
+
+    @property
+    def class_conditional(self) -> bool:
+        """Whether the model is a DiT (from --checkpoint or the --model preset)."""
+        from pixart.models.dit import DIT_PRESETS
+        from pixart.models.family import holds_dit
+
+        return holds_dit(self.checkpoint) if self.checkpoint else self.model in DIT_PRESETS
 
     @property
     def control_source(self) -> Optional[Tuple[Optional[str], str]]:
@@ -185,18 +210,20 @@ class TrainConfig:
 
 def model_config(cfg: TrainConfig):
     """The architecture: from --checkpoint if given, else the --model preset, with --model_config on top."""
-    from pixart.models.pixart import PRESETS, PixArtConfig
-    from pixart.models.pixart_checkpoint import read_config
+    from pixart.models.dit import DIT_PRESETS
+    from pixart.models.family import read_model_config
+    from pixart.models.pixart import PRESETS
 
+    presets = {**PRESETS, **DIT_PRESETS}
     if cfg.checkpoint:
-        config = read_config(cfg.checkpoint)
-    elif cfg.model in PRESETS:
-        config = PRESETS[cfg.model]
+        config = read_model_config(cfg.checkpoint)
+    elif cfg.model in presets:
+        config = presets[cfg.model]
     else:
-        raise ConfigError(f"--model {cfg.model!r} is not a preset ({', '.join(PRESETS)}); give --checkpoint instead")
+        raise ConfigError(f"--model {cfg.model!r} is not a preset ({', '.join(presets)}); give --checkpoint instead")
     overrides = dict(cfg.model_config or {})
     overrides["class_dropout_prob"] = cfg.class_dropout_prob
     try:
-        return PixArtConfig.from_dict({**config.to_dict(), **overrides})
+        return type(config).from_dict({**config.to_dict(), **overrides})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--model_config: {e}") from None

@@ -6,7 +6,7 @@ computed on the fly (``FeatureEncoder``) or once for the whole dataset
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -17,9 +17,10 @@ NULL_CAPTION_FILE = "null_caption.npz"
 
 class FeatureEncoder:
     """T5 + VAE, frozen and compiled (each input shape once: about 3x PyNative's speed on CPU).
-    ``max_length`` is the transformer's caption token count."""
+    ``max_length`` is the transformer's caption token count; a class-conditional model's encoder
+    has the VAE alone (no tokenizer, text encoder or length)."""
 
-    def __init__(self, vae, tokenizer, text_encoder, max_length: int):
+    def __init__(self, vae, tokenizer=None, text_encoder=None, max_length: int = 0):
         self.vae = vae
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -36,13 +37,16 @@ class FeatureEncoder:
         self._hidden_states = ms.jit(hidden_states)
 
     @classmethod
-    def from_folders(cls, vae_root: str, tokenizer_root: str, text_encoder_root: str, max_length: int):
+    def from_folders(cls, vae_root: str, tokenizer_root: Optional[str] = None, text_encoder_root: Optional[str] = None,
+                     max_length: int = 0):
         from pixart.models.autoencoder_kl import AutoencoderKL
         from pixart.models.t5 import T5Encoder
         from pixart.models.text_encoder import load_tokenizer
 
-        return cls(AutoencoderKL.from_pretrained(vae_root), load_tokenizer(tokenizer_root),
-                   T5Encoder.from_pretrained(text_encoder_root), max_length)
+        vae = AutoencoderKL.from_pretrained(vae_root)
+        if text_encoder_root is None:
+            return cls(vae)
+        return cls(vae, load_tokenizer(tokenizer_root), T5Encoder.from_pretrained(text_encoder_root), max_length)
 
     def encode_images(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(B, 3, H, W) in [-1, 1] -> posterior (mean, std), each (B, C, H/f, W/f), unscaled."""

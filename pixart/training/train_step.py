@@ -15,10 +15,9 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from pixart.diffusion.objectives import DiffusionObjective
-from pixart.models.pixart import Conditioning
 from pixart.training.optim import EMA, clip_grad_norm
 
-INPUT_ORDER = ("x0", "t", "noise") + Conditioning._fields  # a batch's arrays, as the compiled step takes them
+BATCH_FIELDS = ("x0", "t", "noise")  # then the model's conditioning fields: the compiled step's inputs, in order
 
 _add_into = ops.MultitypeFuncGraph("add_into")
 _mean_and_clear = ops.MultitypeFuncGraph("mean_and_clear")
@@ -59,6 +58,7 @@ class TrainStep:
                  grad_clip: float = 0.0, grad_accumulation: int = 1, loss_scale: Optional[float] = None,
                  world: int = 1, compiled: bool = True):
         self.model = model
+        self.input_order = BATCH_FIELDS + model.conditioning._fields
         self.objective = objective or DiffusionObjective(model)
         self.metric_names = ("loss",) + self.objective.metric_names
         self.optimizer = optimizer
@@ -111,9 +111,8 @@ class TrainStep:
         return (loss, *metrics, norm)
 
     # ---------------------------------------------------------------- host side
-    @staticmethod
-    def _tensors(inputs: Dict[str, np.ndarray]):
-        return [None if inputs.get(k) is None else Tensor(inputs[k]) for k in INPUT_ORDER]
+    def _tensors(self, inputs: Dict[str, np.ndarray]):
+        return [None if inputs.get(k) is None else Tensor(inputs[k]) for k in self.input_order]
 
     def accumulate(self, inputs: Dict[str, np.ndarray]) -> Dict[str, float]:
         values = self._accumulate(*self._tensors(inputs))

@@ -49,13 +49,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up stages
     def _setup_features(self):
-        """The frozen VAE + T5 (unless every feature comes from the cache), the null caption and
-        the latent scaling."""
+        """The frozen VAE + T5 (unless every feature comes from the cache; no T5 for a class-
+        conditional model), the null caption and the latent scaling."""
+        from pixart.models.family import is_class_conditional
         from pixart.training.features import NULL_CAPTION_FILE, FeatureEncoder
 
         cfg = self.cfg
+        self.class_conditional = is_class_conditional(self.config)
         self.encoder = None
-        if not cfg.feature_cache or cfg.validation_every:
+        if self.class_conditional and not cfg.feature_cache:
+            self.encoder = FeatureEncoder.from_folders(cfg.vae_root)
+        elif not cfg.feature_cache or cfg.validation_every:
             self.encoder = FeatureEncoder.from_folders(cfg.vae_root, cfg.tokenizer_root, cfg.text_encoder_root,
                                                        self.config.model_max_length)
         if cfg.feature_cache:
@@ -63,7 +67,8 @@ class Trainer:
             self.null_caption, self.scaling_factor = info["emb"], float(info["scaling_factor"])
             self.shift_factor = float(info["shift_factor"])
         else:
-            self.null_caption = self.encoder.null_caption() if cfg.replace_null_caption else None
+            self.null_caption = self.encoder.null_caption() if cfg.replace_null_caption and \
+                not self.class_conditional else None
             self.scaling_factor, self.shift_factor = self.encoder.vae.scaling_factor, self.encoder.vae.shift_factor
 
     def _setup_data(self):
@@ -75,7 +80,9 @@ class Trainer:
         self.dataset = TrainDataset(cfg.json_path, cfg.image_dir, cfg.image_size, multi_scale=cfg.multi_scale,
                                     real_prompt_ratio=cfg.real_prompt_ratio, seed=cfg.seed,
                                     divisor=vae_factor * self.config.patch_size, cache_dir=cfg.feature_cache,
-                                    control=cfg.control_source)
+                                    control=cfg.control_source,
+                                    classes=(cfg.class_field, self.config.num_classes) if self.class_conditional
+                                    else None)
         self.batcher = BucketBatcher(self.dataset.bucket_keys, cfg.batch_size, self.world, self.rank, cfg.seed)
         if self.is_main:
             logger.info("%s", self.dataset.summary)
@@ -86,15 +93,15 @@ class Trainer:
         import mindspore as ms
 
         from pixart.models.controlnet import ControlPixArt
+        from pixart.models.family import build_transformer
         from pixart.models.lora import attach_lora, lora_parameters
-        from pixart.models.pixart import build_model
         from pixart.runtime import compute_dtype
         from pixart.training.optim import auto_scale_lr, make_optimizer
         from pixart.training.train_step import TrainStep
 
         cfg = self.cfg
-        self.base_model = self.model = build_model(self.config, dtype=compute_dtype(cfg.dtype,
-                                                                                    ms.get_context("device_target")))
+        self.base_model = self.model = build_transformer(self.config, compute_dtype(cfg.dtype,
+                                                                                   ms.get_context("device_target")))
         if cfg.recompute:
             self.model.enable_recompute()
         if cfg.controlnet_blocks:
@@ -169,14 +176,15 @@ class Trainer:
         """Load the base weights and a checkpoint to resume from; returns the step to start at."""
         import mindspore as ms
 
+        from pixart.models.family import read_weights
         from pixart.models.lora import load_into, parameter_values
-        from pixart.models.pixart_checkpoint import load_weights, read_source
+        from pixart.models.pixart_checkpoint import load_weights
         from pixart.training.checkpoints import configuration_changes, load_resumable
 
         cfg = self.cfg
         ckpt = load_resumable(cfg.resume, cfg.output_path) if cfg.resume else None
         adapter_names = [p.name for p in self.step.params] if self.lora_cells else []
-        base = read_source(cfg.checkpoint)[0] if cfg.checkpoint else None
+        base = read_weights(cfg.checkpoint)[0] if cfg.checkpoint else None
         # LoRA and ControlNet checkpoints hold what they train alone, over the frozen --checkpoint
         if base is not None and (self.lora_cells or cfg.controlnet_blocks or not ckpt):
             load_weights(self.base_model, base, cfg.checkpoint, optional=adapter_names)
@@ -211,6 +219,13 @@ class Trainer:
             return step
         if cfg.resume and self.is_main:
             logger.info("--resume %s: no checkpoint in %s yet, starting fresh", cfg.resume, cfg.output_path)
+        if cfg.init_from:
+            from pixart.models.family import read_weights
+            from pixart.models.partial_loading import load_matching
+
+            report = load_matching(self.model, read_weights(cfg.init_from)[0], cfg.init_from)
+            if self.is_main:
+                logger.info("%s", report)
         if self.null_caption is not None and cfg.replace_null_caption:
             self.model.y_embedder.y_embedding.set_data(ms.Tensor(self.null_caption.astype(np.float32)))
         self.step.reset_ema()
@@ -251,16 +266,12 @@ class Trainer:
 
     def features(self, index: int, batch: dict):
         """Model inputs of micro-batch ``index``: x0 (scaled latents), timesteps, noise and the
-        conditioning (caption embeddings and mask, micro-conditions, caption-drop flags), this
-        rank's slice."""
+        conditioning (caption embeddings and mask, micro-conditions, caption-drop flags; or class
+        ids and label-drop flags), this rank's slice."""
         b = self.cfg.batch_size
         rows = slice(self.rank * b, (self.rank + 1) * b)
-        if self.cfg.feature_cache:
-            mean, std = batch["latent_mean"], batch["latent_std"]
-            emb, mask = batch["caption_emb"], batch["caption_mask"]
-        else:
-            mean, std = self.encoder.encode_images(batch["image"])
-            emb, mask = self.encoder.encode_captions(batch["caption"])
+        cached = self.cfg.feature_cache
+        mean, std = (batch["latent_mean"], batch["latent_std"]) if cached else self.encoder.encode_images(batch["image"])
         g = self.global_batch
         shape = (g,) + mean.shape[1:]
         rng = np.random.default_rng([self.cfg.seed, index])
@@ -269,6 +280,10 @@ class Trainer:
         posterior_noise = rng.standard_normal(shape, dtype=np.float32)[rows]
         drop = (rng.random(g) < self.cfg.class_dropout_prob)[rows]
         x0 = ((mean + std * posterior_noise - self.shift_factor) * self.scaling_factor).astype(np.float32)
+        if self.class_conditional:
+            return dict(x0=x0, t=t, noise=noise, labels=batch["class_id"].astype(np.int32), drop_label=drop)
+        emb, mask = (batch["caption_emb"], batch["caption_mask"]) if cached else \
+            self.encoder.encode_captions(batch["caption"])
         control = np.zeros((len(x0), 1, 1, 1), np.float32)
         if self.cfg.control_source:
             control_mean = batch["control_mean"] if self.cfg.feature_cache else \
