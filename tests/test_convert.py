@@ -6,7 +6,6 @@ import sys
 import zipfile
 
 import numpy as np
-import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
 
