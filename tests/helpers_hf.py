@@ -16,6 +16,24 @@ def assert_close(ours, reference, tol=TOL):
     return err
 
 
+def run_cell(model, x, t, cond, mode="pynative"):
+    """model(x, t, cond) as NumPy: eagerly, compiled whole (``graph``, the conditioning splatted at
+    the jit boundary) or one compiled block at a time (``streamed``)."""
+    import mindspore as ms
+
+    from pixart.models.pixart import BlockStreamedForward
+
+    x, t = ms.Tensor(x), ms.Tensor(t)
+    if mode == "graph":
+        @ms.jit
+        def forward(x, t, *fields):
+            return model(x, t, fields)
+        return forward(x, t, *cond).asnumpy()
+    if mode == "streamed":
+        return BlockStreamedForward(model)(x, t, cond).asnumpy()
+    return model(x, t, cond).asnumpy()
+
+
 T5_TINY = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
                relative_attention_max_distance=20)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from pixart.models.controlnet import ControlPixArt
-from pixart.models.pixart import BlockStreamedForward, Conditioning
+from pixart.models.pixart import Conditioning
 from tests import torch_pixart as ref
+from tests.helpers_hf import run_cell
 from tests.test_lora import assert_close
 
 
@@ -93,16 +94,7 @@ def controlled_pair(tmp_path, num_blocks=2, micro=False, depth=3, hidden=64):
 
 def run_ours(model, inputs, control, mode="pynative"):
     x, t, y, mask = inputs[:4]
-    cond = Conditioning.of(y, mask, *inputs[4:], control=control)
-    x, t = ms.Tensor(x), ms.Tensor(t)
-    if mode == "graph":
-        @ms.jit
-        def forward(x, t, *fields):
-            return model(x, t, fields)
-        return forward(x, t, *cond).asnumpy()
-    if mode == "streamed":
-        return BlockStreamedForward(model)(x, t, cond).asnumpy()
-    return model(x, t, cond).asnumpy()
+    return run_cell(model, x, t, Conditioning.of(y, mask, *inputs[4:], control=control), mode)
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph", "streamed"])

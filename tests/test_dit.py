@@ -1,12 +1,12 @@
 """DiT against diffusers' DiTTransformer2DModel and the official checkpoint layout, random weights."""
 import os
 
-import mindspore as ms
 import numpy as np
 import pytest
 import torch
 
 from pixart.models.dit import ClassConditioning
+from tests.helpers_hf import run_cell
 from tests.test_lora import assert_close
 
 
@@ -33,14 +33,7 @@ def run_theirs(model, x, t, labels):
 
 
 def run_ours(model, x, t, labels, compiled=False):
-    cond = ClassConditioning.of(labels)
-    if not compiled:
-        return model(ms.Tensor(x), ms.Tensor(t), cond).asnumpy()
-
-    @ms.jit
-    def forward(x, t, *fields):
-        return model(x, t, fields)
-    return forward(ms.Tensor(x), ms.Tensor(t), *cond).asnumpy()
+    return run_cell(model, x, t, ClassConditioning.of(labels), "graph" if compiled else "pynative")
 
 
 def inputs(batch=3, size=8, num_classes=10, seed=0):

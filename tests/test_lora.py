@@ -17,6 +17,7 @@ from pixart.models.lora import LoraMerger, attach_lora, load_into, read_lora, sa
 from pixart.models.lora_spec import OFFICIAL_TARGETS, LoraSpec
 from pixart.models.pixart import Conditioning
 from tests import torch_pixart as ref
+from tests.helpers_hf import run_cell
 from tools import convert
 
 TOL = 1e-4
@@ -66,14 +67,7 @@ def run_theirs(model, inputs):
 
 def run_ours(model, inputs, compiled=False):
     x, t, y, mask = inputs[:4]
-    cond = Conditioning.of(y, mask, *inputs[4:])
-    if not compiled:
-        return model(ms.Tensor(x), ms.Tensor(t), cond).asnumpy()
-
-    @ms.jit
-    def forward(x, t, *fields):
-        return model(x, t, fields)
-    return forward(ms.Tensor(x), ms.Tensor(t), *cond).asnumpy()
+    return run_cell(model, x, t, Conditioning.of(y, mask, *inputs[4:]), "graph" if compiled else "pynative")
 
 
 @pytest.mark.parametrize("case", ["official", "rslora", "patterns"])

@@ -6,14 +6,14 @@ real file format (diffusers safetensors folder or an official-key ``.pth``), con
 Tolerance: max |ours - reference| <= 1e-4 * max(1, max |reference|).
 """
 
-import mindspore as ms
 import numpy as np
 import pytest
 import torch
 
-from pixart.models.pixart import BlockStreamedForward, Conditioning, PixArt, PixArtMS
+from pixart.models.pixart import Conditioning, PixArt, PixArtMS
 from pixart.models.pixart_checkpoint import load_pixart
 from tests import torch_pixart as ref
+from tests.helpers_hf import run_cell
 from tools import convert
 
 TOL = 1e-4
@@ -28,16 +28,7 @@ def assert_close(ours, theirs):
 
 def run_ours(model, x, t, y, mask, resolution=None, aspect_ratio=None, mode="pynative"):
     """mode: pynative, graph (the whole model one compiled graph) or streamed (BlockStreamedForward)."""
-    cond = Conditioning.of(y, mask, resolution, aspect_ratio)
-    x, t = ms.Tensor(x), ms.Tensor(t)
-    if mode == "graph":
-        @ms.jit
-        def forward(x, t, *fields):
-            return model(x, t, fields)
-        return forward(x, t, *cond).asnumpy()
-    if mode == "streamed":
-        return BlockStreamedForward(model)(x, t, cond).asnumpy()
-    return model(x, t, cond).asnumpy()
+    return run_cell(model, x, t, Conditioning.of(y, mask, resolution, aspect_ratio), mode)
 
 
 def convert_folder(model, tmp_path, extra_args=()):

@@ -16,15 +16,14 @@ Shapes: B batch, C latent channels (4), H, W latent size, p patch, N = (H/p)(W/p
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar, NamedTuple, Optional
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from pixart.models.pixart import (Kernels, LayerNorm, Linear, Mlp, PatchEmbed, SelfAttention, TimestepEmbedder,
-                                  modulate, sincos_pos_embed_2d)
+from pixart.models.pixart import (Kernels, LayerNorm, Linear, Mlp, OfficialInit, PatchEmbed, SelfAttention,
+                                  TimestepEmbedder, linear_slots, modulate, sincos_pos_embed_2d)
 
 
 @dataclasses.dataclass
@@ -188,29 +187,13 @@ class DiT(nn.Cell):
             block.recompute()
 
     def adapter_slots(self):
-        slots = {name: cell for name, cell in self.cells_and_names() if isinstance(cell, Linear)}
-        slots["x_embedder.proj"] = self.x_embedder.proj
-        return slots
+        return linear_slots(self)
 
     def initialize_weights(self, seed: int = 0):
         """The official initialisation: xavier-uniform linears (and the patch conv as a linear),
         N(0, 0.02) for the label table and timestep MLP, zero adaLN modulations and final projection."""
-        rng = np.random.default_rng(seed)
-
-        def set_(param, value):
-            param.set_data(Tensor(np.asarray(value, np.float32)))
-
-        def xavier_uniform(param):
-            fan_out, fan_in = param.shape[0], int(np.prod(param.shape[1:]))
-            bound = math.sqrt(6.0 / (fan_in + fan_out))
-            set_(param, rng.uniform(-bound, bound, param.shape))
-
-        for _, cell in self.cells_and_names():
-            if isinstance(cell, Linear):
-                xavier_uniform(cell.weight)
-                set_(cell.bias, np.zeros(cell.bias.shape))
-        xavier_uniform(self.x_embedder.proj.weight)
-        set_(self.x_embedder.proj.bias, np.zeros(self.x_embedder.proj.bias.shape))
+        init = OfficialInit(self, seed)
+        rng, set_ = init.rng, init.set
         table = self.y_embedder.embedding_table.weight
         set_(table, rng.normal(0.0, 0.02, table.shape))
         for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):

@@ -650,11 +650,7 @@ class PixArt(nn.Cell):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def adapter_slots(self):
-        """{name: layer} of every layer that can carry an adapter (the Linears and the patch
-        embedding), named as their weights are, without the ``.weight``."""
-        slots = {name: cell for name, cell in self.cells_and_names() if isinstance(cell, Linear)}
-        slots["x_embedder.proj"] = self.x_embedder.proj
-        return slots
+        return linear_slots(self)
 
     def attach_adapters(self, adapters) -> None:
         """Attach {slot name: adapter cell}; an unknown slot name is a ValueError."""
@@ -673,23 +669,8 @@ class PixArt(nn.Cell):
     def initialize_weights(self, seed: int = 0):
         """The official initialisation: xavier-uniform linears with zero bias, N(0, 0.02) for the
         embedding MLPs, zero cross-attention output and final projection, randn/sqrt(D) tables."""
-        rng = np.random.default_rng(seed)
-
-        def set_(param, value):
-            param.set_data(Tensor(np.asarray(value, np.float32)))
-
-        def xavier_uniform(param):
-            fan_out, fan_in = param.shape[0], int(np.prod(param.shape[1:]))
-            bound = math.sqrt(6.0 / (fan_in + fan_out))
-            set_(param, rng.uniform(-bound, bound, param.shape))
-
-        for _, cell in self.cells_and_names():
-            if isinstance(cell, Linear):
-                xavier_uniform(cell.weight)
-                if cell.bias is not None:
-                    set_(cell.bias, np.zeros(cell.bias.shape))
-        xavier_uniform(self.x_embedder.proj.weight)  # like a linear over flattened patches
-        set_(self.x_embedder.proj.bias, np.zeros(self.x_embedder.proj.bias.shape))
+        init = OfficialInit(self, seed)
+        rng, set_ = init.rng, init.set
         normal_02 = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
                      self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
         if self.config.micro_condition:
@@ -707,6 +688,33 @@ class PixArt(nn.Cell):
         set_(final.linear.bias, np.zeros(final.linear.bias.shape))
         set_(self.y_embedder.y_embedding, random_null_caption(rng, self.config.model_max_length,
                                                               self.config.caption_channels))
+
+
+def linear_slots(model) -> dict:
+    """{name: layer} of every layer of a PixArt or DiT that can carry an adapter (the Linears and
+    the patch embedding), named as their weights are, without the ``.weight``."""
+    slots = {name: cell for name, cell in model.cells_and_names() if isinstance(cell, Linear)}
+    slots["x_embedder.proj"] = model.x_embedder.proj
+    return slots
+
+
+class OfficialInit:
+    """What the official PixArt and DiT initialisations share: one NumPy stream of ``seed``, first
+    xavier-uniform weights and zero biases for every Linear and for the patch embedding (as a
+    linear over flattened patches), in the model's layer order; the model then sets the rest."""
+
+    def __init__(self, model, seed: int):
+        self.rng = np.random.default_rng(seed)
+        for layer in linear_slots(model).values():
+            fan_out, fan_in = layer.weight.shape[0], int(np.prod(layer.weight.shape[1:]))
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            self.set(layer.weight, self.rng.uniform(-bound, bound, layer.weight.shape))
+            if layer.bias is not None:
+                self.set(layer.bias, np.zeros(layer.bias.shape))
+
+    @staticmethod
+    def set(param, value) -> None:
+        param.set_data(Tensor(np.asarray(value, np.float32)))
 
 
 class PixArtMS(PixArt):

@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Images per second of the digits model: the 20-step guided teacher against its LCM-LoRA.
+
+Both through the same pipeline and VAE, the same 20 prompts as one batch, graph mode: the
+teacher with DPM-Solver++ at 20 steps and guidance 4.5 (two transformer rows per image), the
+LCM-LoRA (merged into the weights at load) with ``--lcm_steps`` LCM steps and no guidance.
+Median of ``--repeats`` runs after a warm-up run that compiles.
+
+    python benchmarks/bench_lcm_digits.py                                   # models/digits-lcm-lora, 4 steps
+    python benchmarks/bench_lcm_digits.py --lora_path output/.../adapter --lcm_steps 2
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def images_per_second(pipeline, text, null, method, steps, guidance, repeats):
+    seeds = list(range(len(text)))
+    times = []
+    for _ in range(repeats + 1):  # the first run compiles
+        start = time.perf_counter()
+        pipeline(text, null.take([0] * len(text)), 32, 32, sampling_method=method, sampling_steps=steps,
+                 guidance_scale=guidance, seeds=seeds, use_resolution_binning=False, progress=False)
+        times.append(time.perf_counter() - start)
+    return len(text) / statistics.median(times[1:])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lora_path", default=os.path.join(ROOT, "models", "digits-lcm-lora"))
+    p.add_argument("--lcm_steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+
+    from benchmarks.machine import cpu_description
+    from pixart.models.autoencoder_kl import AutoencoderKL
+    from pixart.models.pixart_checkpoint import load_pixart
+    from pixart.models.text_encoder import encode_prompts_staged
+    from pixart.pipelines.loading import merge_loras
+    from pixart.pipelines.text_to_image import PixArtPipeline, TextEmbeddings
+    from pixart.runtime import setup_device
+    from tools.digits.data import NUMBER_WORDS
+
+    setup_device("CPU")
+    model_dir = os.path.join(ROOT, "models", "pixart-digits")
+    prompts = [f"the digit {w}" for w in NUMBER_WORDS] * 2
+    emb, mask = encode_prompts_staged(prompts + [""], os.path.join(model_dir, "text_encoder"),
+                                      os.path.join(model_dir, "tokenizer"), 16)
+    text, null = TextEmbeddings(emb[:-1], mask[:-1]), TextEmbeddings(emb[-1:], mask[-1:])
+    vae = AutoencoderKL.from_pretrained(os.path.join(model_dir, "vae"))
+    teacher, _ = load_pixart(os.path.join(model_dir, "transformer.ckpt"))
+    teacher_rate = images_per_second(PixArtPipeline(teacher, vae), text, null, "dpm", 20, 4.5, args.repeats)
+    student, _ = load_pixart(os.path.join(model_dir, "transformer.ckpt"))
+    merge_loras(student, [args.lora_path])
+    lcm_rate = images_per_second(PixArtPipeline(student, vae), text, null, "lcm", args.lcm_steps, 0.0, args.repeats)
+    print(f"{cpu_description()}, batch of {len(prompts)} 32x32 images, graph mode, median of {args.repeats}")
+    print(f"| sampler | images/s | speed-up |\n|---|---|---|\n| teacher, DPM-Solver++ 20 steps, guidance 4.5 | "
+          f"{teacher_rate:.1f} | 1.0x |\n| LCM-LoRA, {args.lcm_steps} LCM steps, no guidance | {lcm_rate:.1f} | "
+          f"{lcm_rate / teacher_rate:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
