@@ -12,16 +12,11 @@ its own process, same machine, one after another; median of the steps after the 
     python benchmarks/bench_lora.py --depth 28 --steps 4
 """
 import argparse
-import json
 import os
-import statistics
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK = 16
 
 
@@ -98,31 +93,12 @@ def main():
     runs = [("PyTorch: diffusers + peft LoRA + torch AdamW", f"torch_lora_step_times({args.steps}, {args.depth})"),
             ("ours, graph, LoRA", f"ours_step_times({args.steps}, {args.depth}, True)"),
             ("ours, graph, full finetune", f"ours_step_times({args.steps}, {args.depth}, False)")]
-    rows = []
-    for name, code in runs:
-        out = subprocess.run([sys.executable, "-c", f"import json; from benchmarks.bench_lora import *; "
-                              f"from benchmarks.bench_train import peak_rss_gb; times = {code}; "
-                              f"print('RESULT', json.dumps([times, peak_rss_gb()]))"],
-                             cwd=ROOT, capture_output=True, text=True)
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
-        if not line:
-            why = "killed (out of memory)" if out.returncode in (-9, 137) else f"failed, exit {out.returncode}"
-            print(f"{name}: {why}\n{out.stderr[-1500:]}")
-            rows.append((name, None, None, None))
-            continue
-        times, rss = json.loads(line[0][7:])
-        rows.append((name, times[0], statistics.median(times[2:] or times[1:]), rss))
-    base = rows[0][2]
+    from benchmarks.bench_train import measure_runs, print_step_table
+
+    rows = measure_runs("benchmarks.bench_lora", runs)
     print(f"\nLoRA train step (rank {RANK}, official targets), XL/2 width, {args.depth} blocks, 256px, batch 2, "
           f"fp32, {cpu_description()}; median of steps 3..{args.steps}")
-    print("| implementation | first step incl. compile (s) | step (s) | ratio to PyTorch LoRA | peak RSS (GiB) |")
-    print("|---|---|---|---|---|")
-    for name, first, med, rss in rows:
-        if med is None:
-            print(f"| {name} | — | did not run (see above) | — | — |")
-        else:
-            print(f"| {name} | {first:.1f} | {med:.2f} | {med / base:.2f} | {rss:.1f} |" if base else
-                  f"| {name} | {first:.1f} | {med:.2f} | — | {rss:.1f} |")
+    print_step_table(rows, "ratio to PyTorch LoRA")
 
 
 if __name__ == "__main__":

@@ -104,10 +104,19 @@ def part1(steps, depth, modes):
     for mode in modes:
         runs += [(f"ours, {mode}, AdamW", f"ours_step_times({steps}, {depth}, 'adamw', {mode!r})"),
                  (f"ours, {mode}, CAME", f"ours_step_times({steps}, {depth}, 'came', {mode!r})")]
+    rows = measure_runs("benchmarks.bench_train", runs)
+    print(f"\nTrain step, XL/2 width, {depth} blocks, 256px, batch 2, fp32, {os.cpu_count()} threads "
+          f"(median of steps 3..{steps})")
+    print_step_table(rows, "ratio to PyTorch")
+
+
+def measure_runs(module: str, runs):
+    """Each (name, code) run in a fresh process that imports ``module``: code gives the step times.
+    Rows (name, first step s, median of the later steps s, peak RSS GiB); None where a run died."""
     rows = []
     for name, code in runs:
-        out = subprocess.run([sys.executable, "-c", f"import json, sys; "
-                              f"from benchmarks.bench_train import *; times = {code}; "
+        out = subprocess.run([sys.executable, "-c", f"import json; from {module} import *; "
+                              f"from benchmarks.bench_train import peak_rss_gb; times = {code}; "
                               f"print('RESULT', json.dumps([times, peak_rss_gb()]))"],
                              cwd=ROOT, capture_output=True, text=True)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
@@ -118,10 +127,13 @@ def part1(steps, depth, modes):
             continue
         times, rss = json.loads(line[0][7:])
         rows.append((name, times[0], statistics.median(times[2:] or times[1:]), rss))
+    return rows
+
+
+def print_step_table(rows, ratio_title: str):
+    """The rows of ``measure_runs`` as a Markdown table, times relative to the first row's."""
     base = rows[0][2]
-    print(f"\nTrain step, XL/2 width, {depth} blocks, 256px, batch 2, fp32, {os.cpu_count()} threads "
-          f"(median of steps 3..{steps})")
-    print("| implementation | first step incl. compile (s) | step (s) | ratio to PyTorch | peak RSS (GiB) |")
+    print(f"| implementation | first step incl. compile (s) | step (s) | {ratio_title} | peak RSS (GiB) |")
     print("|---|---|---|---|---|")
     for name, first, med, rss in rows:
         if med is None:
