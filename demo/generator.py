@@ -124,7 +124,7 @@ class DemoGenerator:
             raise RequestError(f"Number of images must be from 1 to {self.max_images}, got {request.num_images}.")
         if not _is_number(request.lora_strength) or not 0 <= request.lora_strength <= MAX_LORA_STRENGTH:
             raise RequestError(f"LoRA strength must be between 0 and {MAX_LORA_STRENGTH:g}, got {request.lora_strength}.")
-        controlled = hasattr(self.pipeline.transformer, "controlnet")
+        controlled = self.pipeline.controlled
         if controlled and request.control_image is None:
             raise RequestError("This model is steered by a control image: upload an edge map (or a photo with "
                                "Canny edges).")

@@ -7,6 +7,7 @@ import torch
 
 from pixart.models.dit import ClassConditioning
 from tests.helpers_hf import run_cell
+from tests.isolation import in_fresh_process
 from tests.test_lora import assert_close
 
 
@@ -81,6 +82,10 @@ def test_official_checkpoint_layout(tmp_path):
 
 def test_real_xl2_shapes():
     """DiT-XL/2 at 256px, 675M parameters, random weights: ours equals diffusers'."""
+    in_fresh_process(check_real_xl2_shapes)
+
+
+def check_real_xl2_shapes():
     from pixart.models.dit import DiT, DiTConfig
     from pixart.models.dit_checkpoint import diffusers_to_official
     from pixart.models.pixart_checkpoint import load_weights

@@ -245,7 +245,7 @@ def test_request_checks():
 
     from pixart.pipelines.text_to_image import SizeLimits
 
-    pipeline = types.SimpleNamespace(trained_size=64, size_limits=SizeLimits.for_model(8, 2, 8))
+    pipeline = types.SimpleNamespace(trained_size=64, size_limits=SizeLimits.for_model(8, 2, 8), controlled=False)
     gen = DemoGenerator(None, None, 300, pipeline, "unused", "tiny.ckpt", max_images=4)
     assert gen.size_limits.minimum == 16 and gen.size_limits.maximum == 128 and gen.size_limits.step == 16
     assert all(h % 16 == 0 and w % 16 == 0 for h, w in gen.aspect_ratios().values())
@@ -254,9 +254,22 @@ def test_request_checks():
            (dict(height=256), "from 16 to 128"), (dict(sampling_steps=0), "Steps"),
            (dict(sampling_steps=2.5), "whole number"),
            (dict(sampling_method="euler"), "Unknown sampler"), (dict(num_images=5), "from 1 to 4"),
-           (dict(guidance_scale=float("nan")), "Guidance"), (dict(seed=-1), "Seed")]
+           (dict(guidance_scale=float("nan")), "Guidance"), (dict(seed=-1), "Seed"),
+           (dict(control_image=np.zeros((64, 64, 3), np.uint8)), "has no ControlNet")]
     for change, message in bad:
         fields = dict(prompt="a cat", height=64, width=64)
+        fields.update(change)
+        with pytest.raises(RequestError, match=message):
+            gen.check(Request(**fields))
+    pipeline.controlled = True
+    with pytest.raises(RequestError, match="upload an edge map"):
+        gen.check(Request("a cat", height=64, width=64))
+    edges = np.zeros((64, 64, 3), np.uint8)
+    gen.check(Request("a cat", height=64, width=64, control_image=edges))
+    for change, message in [(dict(control_strength=3.0), "Control strength"),
+                            (dict(control_preprocess="sobel"), "none or canny"),
+                            (dict(control_image=np.zeros((0, 4), np.uint8)), "could not be read")]:
+        fields = dict(prompt="a cat", height=64, width=64, control_image=edges)
         fields.update(change)
         with pytest.raises(RequestError, match=message):
             gen.check(Request(**fields))

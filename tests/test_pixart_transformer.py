@@ -14,6 +14,7 @@ from pixart.models.pixart import Conditioning, PixArt, PixArtMS
 from pixart.models.pixart_checkpoint import load_pixart
 from tests import torch_pixart as ref
 from tests.helpers_hf import run_cell
+from tests.isolation import in_fresh_process
 from tools import convert
 
 TOL = 1e-4
@@ -138,6 +139,10 @@ def test_fixed_size_pixart_refuses_other_sizes(tmp_path):
 
 def test_real_xl2_configuration_at_256px(tmp_path):
     """The real PixArt-Σ XL/2 shape (610,856,096 parameters) at 256px (32x32 latents)."""
+    in_fresh_process(check_real_xl2_configuration, tmp_path)
+
+
+def check_real_xl2_configuration(tmp_path):
     torch.manual_seed(0)
     torch_model = ref.PixArtTransformer2DModel(
         num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,

@@ -231,6 +231,11 @@ class PixArtPipeline:
         return self.transformer.config.input_size * self.vae_factor
 
     @property
+    def controlled(self) -> bool:
+        """Whether the transformer carries a ControlNet branch (and so needs a control image)."""
+        return hasattr(self.transformer, "controlnet")
+
+    @property
     def size_limits(self) -> SizeLimits:
         return SizeLimits.for_model(self.transformer.config.input_size, self.patch, self.vae_factor)
 
@@ -301,7 +306,7 @@ class PixArtPipeline:
         """(1, C, h, w) VAE latents of a control image: resized and center-cropped to the sampling
         size (the same binning as the output), scaled to [-1, 1] times ``strength``, encoded (the
         posterior mean), scaled as the VAE's training latents."""
-        if not hasattr(self.transformer, "controlnet"):
+        if not self.controlled:
             raise InputError("a control image needs a ControlNet transformer (--controlnet)")
         pixels = np.asarray(resize_and_center_crop(Image.fromarray(image).convert("RGB"), height, width),
                             np.float32)

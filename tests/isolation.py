@@ -1,0 +1,19 @@
+"""Run a memory-hungry check in a fresh interpreter.
+
+One pytest process never returns what an XL/2-sized check held (two 2.5 GB models, their converted
+copies, MindSpore's compiled graph), so two such checks in a row exceed a 24 GB machine; a spawned
+child gives it all back when it exits.
+"""
+import multiprocessing
+
+
+def _call(func, args):
+    import tests.conftest  # noqa: F401  (the same MindSpore context as the parent: CPU, PyNative)
+
+    func(*args)
+
+
+def in_fresh_process(func, *args):
+    """Call ``func(*args)`` (a module-level function) in a spawned interpreter; its exception is re-raised here."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        pool.apply(_call, (func, args))
