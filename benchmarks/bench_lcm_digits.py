@@ -6,17 +6,15 @@ teacher with DPM-Solver++ at 20 steps and guidance 4.5 (two transformer rows per
 LCM-LoRA (merged into the weights at load) with ``--lcm_steps`` LCM steps and no guidance.
 Median of ``--repeats`` runs after a warm-up run that compiles.
 
-    python benchmarks/bench_lcm_digits.py                                   # models/digits-lcm-lora, 4 steps
-    python benchmarks/bench_lcm_digits.py --lora_path output/.../adapter --lcm_steps 2
+    python -m benchmarks.bench_lcm_digits                                   # models/digits-lcm-lora, 4 steps
+    python -m benchmarks.bench_lcm_digits --lora_path output/.../adapter --lcm_steps 2
 """
 import argparse
 import os
 import statistics
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def images_per_second(pipeline, text, null, method, steps, guidance, repeats):

@@ -8,8 +8,8 @@ official PixArt target list (every linear and the patch-embedding conv). One opt
 forward, the loss, backward, gradient clipping, AdamW over the trained parameters. Each run in
 its own process, same machine, one after another; median of the steps after the first two.
 
-    python benchmarks/bench_lora.py                 # depth 4, 6 steps each
-    python benchmarks/bench_lora.py --depth 28 --steps 4
+    python -m benchmarks.bench_lora                 # depth 4, 6 steps each
+    python -m benchmarks.bench_lora --depth 28 --steps 4
 """
 import argparse
 import os

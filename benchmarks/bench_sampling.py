@@ -6,8 +6,8 @@ XL/2 transformer and an SDXL-sized VAE, random weights, 512px, DPM-Solver++ with
 embeddings are passed in), as its cost does not depend on the framework loop we compare.
 Same machine, one run, both timed end to end from initial latents to uint8 images.
 
-    python benchmarks/bench_sampling.py                # 512px, 20 steps
-    python benchmarks/bench_sampling.py --size 256 --steps 10 --mode graph
+    python -m benchmarks.bench_sampling                # 512px, 20 steps
+    python -m benchmarks.bench_sampling --size 256 --steps 10 --mode graph
 
 Our denoiser runs in ``--mode streamed`` by default: a whole-model graph of XL at 512px
 needs about 28 GB on CPU (see bench_transformer.py); ``graph`` suits 256px or accelerators.

@@ -12,8 +12,8 @@ size (``VmHWM``; ``ru_maxrss`` would include the parent's memory at fork time):
     staged        ``encode_prompts_staged`` then transformer + VAE, in one process
     all-at-once   T5, transformer and VAE loaded together, then the same work
 
-    python benchmarks/bench_text_encoder_memory.py            # about 6 minutes on 2 busy cores
-    python benchmarks/bench_text_encoder_memory.py --t5 small  # a 0.04B T5, about 3 minutes
+    python -m benchmarks.bench_text_encoder_memory            # about 6 minutes on 2 busy cores
+    python -m benchmarks.bench_text_encoder_memory --t5 small  # a 0.04B T5, about 3 minutes
 """
 import argparse
 import gc

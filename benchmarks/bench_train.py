@@ -14,8 +14,8 @@ Part 2 — images/s of train.py on a small synthetic dataset with the VAE and a 
 run on the fly versus read from tools/cache_features.py's cache (mid-size random models: an
 SDXL-sized VAE and a T5-base-sized encoder; with T5-XXL the gap is far larger).
 
-    python benchmarks/bench_train.py             # both parts
-    python benchmarks/bench_train.py --part 1 --steps 5
+    python -m benchmarks.bench_train             # both parts
+    python -m benchmarks.bench_train --part 1 --steps 5
 """
 import argparse
 import csv

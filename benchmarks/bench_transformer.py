@@ -11,8 +11,8 @@ graph that every block's weights run through; ``sample.py --mode streamed``). On
 whole-model graph keeps about 1 GB per XL block at 512px, more than this machine's 24 GB, so
 ``graph`` is timed only up to ``--graph_max_size``.
 
-    python benchmarks/bench_transformer.py                 # 256px and 512px
-    python benchmarks/bench_transformer.py --sizes 256 --repeats 5 --modes graph
+    python -m benchmarks.bench_transformer                 # 256px and 512px
+    python -m benchmarks.bench_transformer --sizes 256 --repeats 5 --modes graph
 """
 import argparse
 import os

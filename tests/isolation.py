@@ -4,12 +4,12 @@ One pytest process never returns what an XL/2-sized check held (two 2.5 GB model
 copies, MindSpore's compiled graph), so two such checks in a row exceed a 24 GB machine; a spawned
 child gives it all back when it exits.
 """
+import importlib
 import multiprocessing
 
 
 def _call(func, args):
-    import tests.conftest  # noqa: F401  (the same MindSpore context as the parent: CPU, PyNative)
-
+    importlib.import_module("tests.conftest")  # the parent's MindSpore context: CPU, PyNative
     func(*args)
 
 

@@ -352,3 +352,14 @@ def test_scripts_import_no_scripts_and_edit_no_path():
         assert "sys.path.insert" not in text and "sys.path.append" not in text, path
         for name in names:
             assert f"\nimport {name}\n" not in text and f"\nfrom {name} import" not in text, (path, name)
+
+
+def test_benchmarks_run_as_documented():
+    """Every benchmark starts as the README shows it (python -m benchmarks.NAME) and explains its flags."""
+    import pathlib
+
+    for path in sorted((pathlib.Path(ROOT) / "benchmarks").glob("bench_*.py")):
+        proc = subprocess.run([sys.executable, "-m", f"benchmarks.{path.stem}", "-h"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, (path.stem, proc.stderr[-500:])
+        assert f"python -m benchmarks.{path.stem}" in path.read_text(), path.stem

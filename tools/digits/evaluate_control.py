@@ -75,51 +75,60 @@ def load_models(config: dict, controlnet: str):
     return PixArtPipeline(base, vae), PixArtPipeline(controlled, vae)
 
 
-def main(argv=None) -> int:
-    import yaml
-
+def rate(digits, config: dict, controlnet: str, classifier: str, steps: int = 20, guidance: float = 4.5,
+         seed: int = 0):
+    """Sample each (digit, image) of ``digits`` with the base model and with the ControlNet (the
+    image's Canny edges as the control, the same seed). (report, control edge maps, images by name)."""
     from pixart.models.text_encoder import encode_prompts_staged
     from pixart.pipelines.text_to_image import TextEmbeddings
-    from pixart.runtime import setup_device
     from pixart.utils.edges import canny
-    from pixart.utils.images import make_grid
     from tools.digits.classifier import load_classifier, predict
     from tools.digits.data import NUMBER_WORDS
 
-    args = parse_args(argv)
-    setup_device("CPU")
-    with open(args.config) as f:
-        config = yaml.safe_load(f)
-    digits = held_out_digits(args.data_dir, args.per_digit)
     prompts = [f"the digit {NUMBER_WORDS[d]}" for d in range(10)]
     emb, mask = encode_prompts_staged(prompts + [""], config["text_encoder_root"], config["tokenizer_root"],
                                       config["model_max_length"])
     text, null = TextEmbeddings(emb[:-1], mask[:-1]), TextEmbeddings(emb[-1:], mask[-1:])
-    base, controlled = load_models(config, args.controlnet)
+    base, controlled = load_models(config, controlnet)
     side = config["image_height"]
     outputs = {"base": [], "controlled": []}
     controls = [canny(image) for _, image in digits]
     for k, ((digit, _), control) in enumerate(zip(digits, controls)):
         for name, pipeline in (("base", base), ("controlled", controlled)):
             extra = {"control_image": control} if name == "controlled" else {}
-            result = pipeline(text.take([digit]), null, side, side, sampling_steps=args.steps,
-                              guidance_scale=args.guidance, seeds=[args.seed + k], use_resolution_binning=False,
-                              progress=False, **extra)
+            result = pipeline(text.take([digit]), null, side, side, sampling_steps=steps, guidance_scale=guidance,
+                              seeds=[seed + k], use_resolution_binning=False, progress=False, **extra)
             outputs[name].append(result.images[0])
     wanted = np.array([d for d, _ in digits])
-    classifier = load_classifier(args.classifier)
-    report = {"digits": len(digits), "steps": args.steps, "guidance": args.guidance}
+    judge = load_classifier(classifier)
+    report = {"digits": len(digits), "steps": steps, "guidance": guidance}
     for name, images in outputs.items():
-        predicted, _ = predict(classifier, np.stack(images))
+        predicted, _ = predict(judge, np.stack(images))
         chamfer, iou = np.mean([edge_agreement(canny(im), c) for im, c in zip(images, controls)], axis=0)
         report[name] = {"chamfer_px": float(chamfer), "edge_iou": float(iou),
                         "adherence": float((predicted == wanted).mean())}
+    return report, controls, outputs
+
+
+def main(argv=None) -> int:
+    import yaml
+
+    from pixart.runtime import setup_device
+    from pixart.utils.images import make_grid
+
+    args = parse_args(argv)
+    setup_device("CPU")
+    with open(args.config) as f:
+        config = yaml.safe_load(f)
+    digits = held_out_digits(args.data_dir, args.per_digit)
+    report, controls, outputs = rate(digits, config, args.controlnet, args.classifier, args.steps, args.guidance,
+                                     args.seed)
     print(f"{len(digits)} held-out digits, their Canny edges as the control, the same seeds:")
     for name in outputs:
         print(f"  {name:10s}  Chamfer distance {report[name]['chamfer_px']:.2f} px   edge IoU "
               f"{report[name]['edge_iou']:.3f}   prompt adherence {100 * report[name]['adherence']:.1f}%")
     if args.picture:
-        first = [wanted.tolist().index(d) for d in range(10)]
+        first = [[d for d, _ in digits].index(d) for d in range(10)]
         rows = [controls[i] for i in first] + [outputs["base"][i] for i in first] + \
             [outputs["controlled"][i] for i in first]
         grid = make_grid(np.stack(rows), columns=10)
