@@ -34,6 +34,7 @@ from pixart.utils.seeds import image_seeds
 
 EXECUTION_MODES = ("graph", "streamed", "pynative")
 BINNING_TABLES = {32: 256, 64: 512, 128: 1024, 256: 2048}  # trained latent size -> bucket table
+DECODE_LATENT_AREA = 128 * 128  # the latents of one 1024² image: the most one VAE decode call takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,12 +330,17 @@ class PixArtPipeline:
 
         Images larger in area than the VAE's native size (1024² for SDXL: every 1024-MS bucket
         fits) are decoded in blended tiles when ``tiled_decode`` is on, which bounds memory for
-        2K/4K; smaller ones are decoded whole, exactly as diffusers does.
+        2K/4K; smaller ones are decoded whole, exactly as diffusers does, as many at once as make up
+        the latent area of one 1024² image (one image at a time would spend most of a small model's
+        sampling time launching the decoder's kernels).
         """
         z = latents / np.float32(self.vae.scaling_factor) + np.float32(self.vae.shift_factor)
         native = self.vae.config.sample_size // self.vae_factor
-        tiled = self.tiled_decode and z.shape[2] * z.shape[3] > native * native
-        return np.concatenate([self.vae.decode(Tensor(z[i:i + 1]), tiled=tiled).asnumpy() for i in range(len(z))])
+        area = z.shape[2] * z.shape[3]
+        tiled = self.tiled_decode and area > native * native
+        rows = 1 if tiled else max(1, DECODE_LATENT_AREA // area)
+        return np.concatenate([self.vae.decode(Tensor(z[i:i + rows]), tiled=tiled).asnumpy()
+                               for i in range(0, len(z), rows)])
 
 
 def split_batches(n: int, batch_size: int) -> List[slice]:
