@@ -337,6 +337,9 @@ def test_two_stage_recipe_class_dit_then_text_pixart(workspace, tmp_path):
     stage1_ckpt = stage1 / "checkpoints" / "step-00000003" / "model.ckpt"
     class_weights = read_mindspore_checkpoint(str(stage1_ckpt))[0]
     assert "y_embedder.embedding_table.weight" in class_weights
+    # the DiT's cache holds latents only: cached again for the text model, every entry is redone
+    proc = run_tool("tools/cache_features.py", "-c", workspace["config"], "--feature_cache", class_cache)
+    assert f"{len(records)} entries written, 0 already there" in proc.stdout, proc.stdout[-1000:]
 
     stage2 = tmp_path / "stage2"
     proc = train(workspace, stage2, "--feature_cache", workspace["cache"], "--max_steps", "1", "--lr", "1e-12",

@@ -22,17 +22,20 @@ from pixart.cli.training import build_parser
 from pixart.training.config import TrainConfig, model_config
 
 
-def entry_complete(path: str, needs_control: bool) -> bool:
-    """Whether the cache entry at ``path`` exists (and holds control latents when they are needed)."""
+def entry_complete(path: str, needs_control: bool, needs_captions: bool) -> bool:
+    """Whether the cache entry at ``path`` exists and holds what the model needs: control latents
+    for a ControlNet, caption embeddings for a text-conditioned model (a DiT's cache has none)."""
     if not os.path.isfile(path):
         return False
-    if not needs_control:
+    if not (needs_control or needs_captions):
         return True
     try:
         with np.load(path) as data:
-            return "control_mean" in data.files
+            names = data.files
     except (OSError, ValueError):
         return False
+    return (not needs_control or "control_mean" in names) and \
+        (not needs_captions or any(name.startswith("emb/") for name in names))
 
 
 def batches_of_one_size(records, indices, batch_size: int):
@@ -75,7 +78,8 @@ def main(argv=None) -> int:
     np.savez(os.path.join(args.feature_cache, NULL_CAPTION_FILE), emb=null_caption,
              scaling_factor=encoder.vae.scaling_factor, shift_factor=encoder.vae.shift_factor)
     todo = [i for i, r in enumerate(dataset.records)
-            if not entry_complete(cache_path(args.feature_cache, r.path, r.size), bool(cfg.control_source))]
+            if not entry_complete(cache_path(args.feature_cache, r.path, r.size), bool(cfg.control_source),
+                                  needs_captions=classes is None)]
     skipped = len(dataset.records) - len(todo)
     with tqdm(total=len(todo), desc="caching features", unit="image") as progress:
         for batch in batches_of_one_size(dataset.records, todo, max(1, args.cache_batch_size)):

@@ -36,7 +36,7 @@ class CacheEntry:
     Attributes:
         latent_mean: (C, h, w) mean of the VAE posterior (unscaled).
         latent_std: (C, h, w) standard deviation of the VAE posterior.
-        captions: caption field -> (embedding (L, D), mask (L,)).
+        captions: caption field -> (embedding (L, D), mask (L,)); none in a class-conditional model's cache.
         control_mean: (C, h, w) posterior mean of the ControlNet control image, when training one.
     """
     latent_mean: np.ndarray
@@ -107,8 +107,6 @@ def _check_entry(entry: CacheEntry, path: str) -> None:
     if entry.control_mean is not None and entry.control_mean.shape != entry.latent_mean.shape:
         raise CacheError(f"{path}: control_mean {entry.control_mean.shape} must be shaped as latent_mean "
                          f"{entry.latent_mean.shape}")
-    if not entry.captions:
-        raise CacheError(f"{path}: a cache entry needs at least one caption embedding")
     for field, (emb, mask) in entry.captions.items():
         if emb.ndim != 2 or mask.shape != emb.shape[:1]:
             raise CacheError(f"{path}: caption '{field}' needs emb (L, D) and mask (L,), "
