@@ -6,8 +6,8 @@
         --text_encoder_root models/text_encoder --tokenizer_root models/tokenizer --image_height 1024 --image_width 1024
     python gradio_demo.py -c configs/inference/pixart-sigma-512-MS.yaml
 
-The flags and configs are sample.py's: a config made for sample.py works here as it is. With neither
--c nor --checkpoint, configs/inference/pixart-digits.yaml is used. Models are loaded once at start;
+The flags and configs are sample.py's: a config made for sample.py works here as it is. With none of
+-c, --checkpoint and --pretrained, configs/inference/pixart-digits.yaml is used. Models are loaded once at start;
 the T5 text encoder stays loaded because every request encodes its prompt (T5-v1.1-XXL: about 19 GB
 in fp32, 9.5 GB in fp16/bf16, on top of the transformer and VAE). Requests wait in a queue and run one
 at a time. Every image is saved with its settings in the PNG metadata to --output_path, never
@@ -22,6 +22,7 @@ import sys
 from pixart.cli import entry_point, fail, parse_with_config, positive_int, str2bool
 from pixart.cli.inference import build_parser as build_inference_parser
 from pixart.cli.inference import load_transformer, model_paths
+from pixart.utils.hf_cache import apply_pretrained
 
 DEFAULT_CONFIG = "configs/inference/pixart-digits.yaml"
 IGNORED_FLAGS = ("prompt_path", "latents", "batch_size", "imagegrid", "num_trials")
@@ -53,13 +54,15 @@ def build_parser():
 def parse_args(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     given = {a.split("=")[0] for a in argv}
-    if not given & {"-c", "--config", "--checkpoint", "-h", "--help"}:
+    if not given & {"-c", "--config", "--checkpoint", "--pretrained", "-h", "--help"}:
         # nothing says which model: serve the bundled one (a plain `python gradio_demo.py` must just work)
         if not os.path.isfile(DEFAULT_CONFIG):
             fail(f"no model given and the bundled {DEFAULT_CONFIG} is missing; pass -c CONFIG or --checkpoint "
                  f"and the model folders (see -h)")
         argv = ["-c", DEFAULT_CONFIG] + argv
-    return parse_with_config(build_parser(), argv)
+    args = parse_with_config(build_parser(), argv)
+    apply_pretrained(args, argv)
+    return args
 
 
 def load_generator(args):
@@ -69,15 +72,17 @@ def load_generator(args):
     from pixart.models.text_encoder import load_tokenizer
     from pixart.pipelines.loading import check_parts_fit, load_text_encoder
     from pixart.pipelines.text_to_image import PixArtPipeline
+    from pixart.models.pixart import Kernels
     from pixart.runtime import compute_dtype, setup_device
 
     paths = model_paths(args)
     paths.check()
     max_length, _ = check_parts_fit(paths, args.model_max_length, args.input_size)
-    device = setup_device(args.device)
+    device = setup_device(args.device, args.jit_level, args.max_device_memory)
     dtype = compute_dtype(args.dtype, device)
+    kernels = Kernels.for_device(device, dtype, args.attention)
     print("loading the models ...")
-    transformer, merger = load_transformer(args, dtype)
+    transformer, merger = load_transformer(args, dtype, kernels)
     vae = AutoencoderKL.from_pretrained(args.vae_root, dtype=dtype)
     tokenizer = load_tokenizer(args.tokenizer_root)
     text_encoder = load_text_encoder(args.text_encoder_root, device, dtype)

@@ -5,6 +5,8 @@
     python sample.py -c configs/inference/pixart-sigma-1024-MS.yaml --prompt "..." --image_width 1024 --image_height 512
     python sample.py -c configs/inference/pixart-sigma-1024-MS.yaml --prompt_path prompts.txt --batch_size 4
     python sample.py -c configs/inference/dit-xl-2-256.yaml --class_labels 207 360 "lesser panda" 974
+    python sample.py -c configs/inference/pixart-sigma-1024-MS.yaml --prompt "..." \\
+        --pretrained PixArt-alpha/PixArt-Sigma-XL-2-1024-MS   # as `huggingface-cli download` left it in the cache
 
 Every flag can also be set in the YAML config (same name, no dashes); the command line wins.
 Stages run one after another so peak memory is the largest stage, not the sum: the T5
@@ -17,9 +19,10 @@ import time
 import numpy as np
 
 from pixart.cli import entry_point, parse_with_config
-from pixart.cli.inference import (build_parser, load_transformer, lora_label, model_paths, read_class_labels,
-                                  read_control_image, read_prompts)
+from pixart.cli.inference import (build_parser, load_transformer, lora_label, model_paths,
+                                  read_class_labels, read_control_image, read_prompts)
 from pixart.errors import ConfigError
+from pixart.utils.hf_cache import apply_pretrained
 
 
 def load_latents(path: str, n: int) -> np.ndarray:
@@ -67,12 +70,12 @@ def class_rows(args, checkpoint: str):
     return ClassLabels(np.array(labels, np.int32)), ClassLabels.null(num_classes), captions
 
 
-def load_pipeline(args, dtype, class_conditional: bool):
+def load_pipeline(args, dtype, kernels, class_conditional: bool):
     """Stage 2: the transformer and the VAE, as a pipeline; the output size is checked before any compute."""
     from pixart.models.autoencoder_kl import AutoencoderKL
     from pixart.pipelines.text_to_image import PixArtPipeline
 
-    transformer, _ = load_transformer(args, dtype)
+    transformer, _ = load_transformer(args, dtype, kernels)
     vae = AutoencoderKL.from_pretrained(args.vae_root, dtype=dtype)
     channels = args.cfg_channels if args.cfg_channels is not None else (3 if class_conditional else 0)
     pipeline = PixArtPipeline(transformer, vae, mode=args.mode, tiled_decode=args.tiled_decode,
@@ -104,6 +107,7 @@ def generate(args, pipeline, text, negative, jobs, seeds, latents, control_image
 def main(argv=None) -> int:
     parser = build_parser(__doc__)
     args = parse_with_config(parser, argv)
+    apply_pretrained(args, argv)
     paths = model_paths(args)
     paths.check()
     class_conditional = paths.class_conditional
@@ -111,6 +115,7 @@ def main(argv=None) -> int:
     control_image = read_control_image(args)
 
     from pixart.pipelines.loading import check_parts_fit
+    from pixart.models.pixart import Kernels
     from pixart.runtime import compute_dtype, setup_device
     from pixart.utils.files import check_writable_folder
     from pixart.utils.images import generation_metadata, make_grid, save_png, slug
@@ -118,8 +123,9 @@ def main(argv=None) -> int:
 
     check_writable_folder(args.output_path)  # before hours of compute, not after
 
-    device = setup_device(args.device)
+    device = setup_device(args.device, args.jit_level, args.max_device_memory)
     dtype = compute_dtype(args.dtype, device)
+    kernels = Kernels.for_device(device, dtype, args.attention)
     if class_conditional:
         text, negative, prompts = class_rows(args, args.checkpoint)
     jobs = [(p, k) for p in prompts for k in range(args.num_trials)]
@@ -130,7 +136,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     if not class_conditional:
         text, negative = encode_text(args, prompts, max_length, device, dtype)
-    pipeline = load_pipeline(args, dtype, class_conditional)
+    pipeline = load_pipeline(args, dtype, kernels, class_conditional)
     load_s = time.perf_counter() - start
 
     images, per_step, gen_size = [], [], None

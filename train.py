@@ -17,18 +17,20 @@ import sys
 from pixart.cli import entry_point, parse_with_config
 from pixart.cli.training import build_parser
 from pixart.training.config import TrainConfig, model_config
+from pixart.utils.hf_cache import apply_pretrained
 
 
 @entry_point
 def main(argv=None) -> int:
     args = parse_with_config(build_parser(__doc__), argv)
+    apply_pretrained(args, argv)
     cfg = TrainConfig.from_namespace(args)
     cfg.check()
 
     from pixart.runtime import init_data_parallel, setup_device
     from pixart.training.trainer import Trainer
 
-    setup_device(args.device)
+    setup_device(args.device, cfg.jit_level, cfg.max_device_memory)
     rank, world = init_data_parallel() if args.use_parallel else (0, 1)
     Trainer(cfg, model_config(cfg), rank, world).fit()
     return 0

@@ -188,7 +188,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path, caplog):
     jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
 
     with caplog.at_level(logging.INFO, logger="pixart.data"):
-        ds = TrainDataset(json_path, image_dir, 64)
+        ds = TrainDataset(json_path, image_dir, 64, verify_images=True)
     assert [r.path for r in ds.records] == ["good0.png", "good1.png", "fallback.png"]
     assert dict(ds.summary.skipped) == {"missing file": 1, "unreadable image": 2, "ratio out of range": 2,
                                         "empty caption": 2, "malformed record": 3}
@@ -197,9 +197,16 @@ def test_bad_records_are_skipped_and_counted(tmp_path, caplog):
     assert "gone.png" in text and "corrupt.png" in text and "truncated.jpg" in text
     assert "unreadable image: 2" in text and "3 of 13 records usable" in text
 
-    # Reading only headers cannot see the truncation.
-    lenient = TrainDataset(json_path, image_dir, 64, verify_images=False)
-    assert lenient.summary.skipped["unreadable image"] == 1
+    # Without verifying, labelled sizes are trusted and neither bad image is opened at start (they
+    # are found when loaded: test_an_unreadable_image_is_replaced_when_first_loaded) ...
+    trusting = TrainDataset(json_path, image_dir, 64)
+    assert trusting.summary.skipped["unreadable image"] == 0 and trusting.summary.kept == 5
+    # ... and reading only the header of an unlabelled one cannot see the truncation.
+    unlabelled = [{k: v for k, v in r.items() if k not in ("height", "width")} if isinstance(r, dict) else r
+                  for r in records]
+    (tmp_path / "unlabelled.json").write_text(json.dumps(unlabelled))
+    headers = TrainDataset(str(tmp_path / "unlabelled.json"), image_dir, 64)
+    assert dict(headers.summary.skipped)["unreadable image"] == 1 and headers.summary.sizes_from_labels == 0
 
 
 def test_per_record_warnings_are_capped(tmp_path, caplog):
@@ -212,12 +219,16 @@ def test_per_record_warnings_are_capped(tmp_path, caplog):
     assert "only counted" in caplog.text and "missing file: 15" in caplog.text
 
 
-def test_exif_orientation_decides_the_bucket(tmp_path):
-    json_path, image_dir = write_dataset(tmp_path, [label("rotated.jpg", 40, 80)])
+@pytest.mark.parametrize("size_from", ["decoded file", "header", "label"])
+def test_exif_orientation_decides_the_bucket(tmp_path, size_from):
+    """The file's size is taken after EXIF orientation; a label's size is taken as that already."""
+    record = {"decoded file": label("rotated.jpg", 40, 80), "label": label("rotated.jpg", 80, 40),
+              "header": {"path": "rotated.jpg", "prompt": "a prompt"}}[size_from]
+    json_path, image_dir = write_dataset(tmp_path, [record])
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, displayed portrait
     make_image(os.path.join(image_dir, "rotated.jpg"), 40, 80, exif=exif)
-    ds = TrainDataset(json_path, image_dir, 64)
+    ds = TrainDataset(json_path, image_dir, 64, verify_images=size_from == "decoded file")
     assert (ds.records[0].height, ds.records[0].width) == (80, 40) and ds.records[0].size == (96, 48)
     with Image.open(os.path.join(image_dir, "rotated.jpg")) as im:
         upright = resize_and_center_crop(im.transpose(Image.ROTATE_270), 96, 48)
@@ -232,12 +243,65 @@ def test_ratio_bounds_are_inclusive_at_4_5(tmp_path):
     assert ds.summary.skipped["ratio out of range"] == 2
 
 
-def test_label_size_disagreement_uses_the_file(tmp_path):
+def test_a_wrong_label_size_is_trusted_unless_verified_and_still_crops(tmp_path):
     images = [("a.png", 40, 80)]
     json_path, image_dir = write_dataset(tmp_path, [label("a.png", 80, 40)], images)
+    verified = TrainDataset(json_path, image_dir, 64, verify_images=True)
+    assert verified.summary.label_size_mismatch == 1
+    assert (verified.records[0].height, verified.records[0].width) == (40, 80)
+    trusting = TrainDataset(json_path, image_dir, 64)
+    assert trusting.summary.label_size_mismatch == 0 and trusting.summary.sizes_from_labels == 1
+    record = trusting.records[0]
+    assert (record.height, record.width) == (80, 40) and record.size == (96, 48)
+    assert trusting.get(0, 0)["image"].shape == (3, 96, 48)  # the landscape file, cropped to the portrait bucket
+    assert not trusting.unreadable
+
+
+def test_labelled_sizes_open_no_image_at_start(tmp_path, monkeypatch):
+    sizes = [(40, 40), (40, 80), (64, 48)]
+    json_path, image_dir = good_dataset(tmp_path, sizes)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k))
     ds = TrainDataset(json_path, image_dir, 64)
-    assert ds.summary.label_size_mismatch == 1
-    assert (ds.records[0].height, ds.records[0].width) == (40, 80)
+    assert opened == [] and ds.summary.sizes_from_labels == 3
+    assert [(r.height, r.width) for r in ds.records] == sizes
+    TrainDataset(json_path, image_dir, 64, verify_images=True)
+    assert len(opened) == 3
+    (tmp_path / "unlabelled.json").write_text(json.dumps([{"path": f"img{i}.png", "prompt": "p"} for i in range(3)]))
+    headers = TrainDataset(str(tmp_path / "unlabelled.json"), image_dir, 64)
+    assert len(opened) == 6 and [(r.height, r.width) for r in headers.records] == sizes
+
+
+def test_an_unreadable_image_is_replaced_when_first_loaded(tmp_path, caplog):
+    # bucket 1.0: img0, bad1, img2, bad3 (the last wraps around to the first); bucket 0.5: img4
+    names = ["img0.jpg", "bad1.jpg", "img2.jpg", "bad3.jpg", "img4.jpg"]
+    sizes = [(40, 40)] * 4 + [(40, 80)]
+    json_path, image_dir = write_dataset(tmp_path, [label(n, h, w) for n, (h, w) in zip(names, sizes)],
+                                         [(n, h, w) for n, (h, w) in zip(names, sizes)])
+    for name in ("bad1.jpg", "bad3.jpg"):
+        path = tmp_path / "images" / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    ds = TrainDataset(json_path, image_dir, 64)
+    assert len(ds) == 5 and not ds.unreadable  # nothing decoded at start
+    with caplog.at_level(logging.WARNING, logger="pixart.data"):
+        batches = list(iterate_batches(ds, BucketBatcher(ds.bucket_keys, 2, shuffle=False), 0, num_threads=2))
+    assert [b["image"].shape for b in batches] == [(2, 3, 64, 64)] * 2
+    assert ds.unreadable == {1, 3}
+    assert "bad1.jpg" in caplog.text and "bad3.jpg" in caplog.text and "2 unreadable images found so far" in caplog.text
+    np.testing.assert_array_equal(batches[0]["image"][1], ds.get(2, 0)["image"])  # bad1 -> img2
+    np.testing.assert_array_equal(batches[1]["image"][1], ds.get(0, 0)["image"])  # bad3 -> img0
+    # known now: no second warning; another process (rank) makes the same choice
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pixart.data"):
+        assert ds.get(3, 1)["caption"] == ds.get(0, 1)["caption"]
+    assert caplog.text == ""
+    other = TrainDataset(json_path, image_dir, 64)
+    np.testing.assert_array_equal(other.get(3, 0)["image"], batches[1]["image"][1])
+    # a bucket with no loadable image is an error, not a wrong shape
+    (tmp_path / "images" / "img4.jpg").write_bytes(b"gone bad")
+    with pytest.raises(DatasetError, match="no image of bucket 0.5"):
+        ds.get(4, 0)
 
 
 def test_all_bad_raises(tmp_path):
@@ -428,3 +492,45 @@ def test_dataset_reads_the_cache(tmp_path, caplog):
     assert sample["caption_emb"].dtype == np.float32 and sample["caption_mask"].dtype == np.int32
     batch = collate([ds.get(0, 0), ds.get(0, 1)])
     assert batch["latent_std"].shape == (2, 4, 4, 2) and batch["caption_mask"].shape == (2, 7)
+
+
+def test_cache_features_under_msrun_writes_the_single_process_entries(tmp_path):
+    """tools/cache_features.py launched by msrun on 2 workers (each encoding every other image) writes
+    the very entries of one process, and rank 0 counts them all. One image per VAE batch: CPU
+    convolutions of batches of other sizes differ in the last bits (about 2e-6), which is not
+    what is tested here."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    data = tmp_path / "digits"
+    subprocess.run([sys.executable, "-m", "tools.digits.prepare", "--limit", "2", "--heldout_per_digit", "1",
+                    "--output_dir", str(data)], cwd=ROOT, check=True, capture_output=True)
+    args = ["-c", "configs/train/pixart-digits.yaml", "--json_path", str(data / "train.json"), "--image_dir",
+            str(data), "--cache_batch_size", "1"]
+    single, parallel, logs = tmp_path / "single", tmp_path / "parallel", tmp_path / "logs"
+    proc = subprocess.run([sys.executable, "tools/cache_features.py", *args, "--feature_cache", str(single)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with socket.socket() as s:  # a free port: other msrun jobs on this machine keep theirs
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={port}",
+                           f"--log_dir={logs}", "--join=True", "tools/cache_features.py", *args, "--feature_cache",
+                           str(parallel)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    worker_logs = {f: (logs / f).read_text() for f in os.listdir(logs) if f.startswith("worker")}
+    assert proc.returncode == 0, proc.stderr[-2000:] + "\n".join(v[-2000:] for v in worker_logs.values())
+
+    def entries(folder):
+        return sorted(os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder)
+                      for name in names)
+
+    assert len(entries(single)) == 11 and entries(parallel) == entries(single)  # 10 images + the null caption
+    for name in entries(single):
+        with np.load(single / name) as a, np.load(parallel / name) as b:
+            assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files), name
+    summary = [line for text in worker_logs.values() for line in text.splitlines() if "entries written" in line]
+    assert len(summary) == 1 and "10 entries written, 0 already there, 10 images, 2 workers" in summary[0], summary

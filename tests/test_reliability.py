@@ -344,3 +344,62 @@ def test_pruning_renames_first_so_no_checkpoint_is_ever_half_deleted(tmp_path, m
     assert list(checkpoints.list_checkpoints(str(tmp_path))) == [2]  # the half-deleted one is not a checkpoint
     checkpoints.prepare_output(str(tmp_path), "latest", overwrite=False)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000002"]
+
+
+def ranks_all_reduce(steps):
+    """An all-reduce sum over ranks that resolved ``steps``, as seen from any one of them."""
+    rows = np.diag(np.asarray(steps, np.float32))  # rank r's one-hot row
+
+    def all_reduce(row):
+        assert any(np.array_equal(row, r) for r in rows)
+        return rows.sum(0)
+    return all_reduce
+
+
+@pytest.mark.parametrize("steps,expected", [
+    ([4, 4, 4], [None] * 3), ([-1, -1], [None] * 2),
+    ([4, -1], ["rank 0 sees checkpoint step 4 but another rank sees no checkpoint",
+               "rank 1 sees no checkpoint but another rank sees checkpoint step 4"]),
+    ([6, 4, 6], ["rank 0 sees checkpoint step 6 but another rank sees checkpoint step 4",
+                 "rank 1 sees checkpoint step 4 but another rank sees checkpoint step 6",
+                 "rank 2 sees checkpoint step 6 but another rank sees checkpoint step 4"]),
+    ([4, -2], ["rank 0 sees checkpoint step 4 but another rank sees a checkpoint it cannot load",
+               "rank 1 sees a checkpoint it cannot load but another rank sees checkpoint step 4"])])
+def test_ranks_resuming_from_different_checkpoints_are_told(steps, expected):
+    from pixart.training.trainer import resume_disagreement
+
+    for rank, step in enumerate(steps):
+        problem = resume_disagreement(step, rank, len(steps), ranks_all_reduce(steps))
+        if expected[rank] is None:
+            assert problem is None
+        else:
+            assert problem.startswith(expected[rank]) and "--resume needs the output folder" in problem
+
+
+def test_a_rank_that_cannot_see_the_checkpoint_fails_the_resume(tmp_path, monkeypatch):
+    from pixart.errors import TrainingError
+    from pixart.training import checkpoints
+    from pixart.training import trainer as trainer_module
+    from pixart.training.config import TrainConfig
+
+    trainer = trainer_module.Trainer.__new__(trainer_module.Trainer)  # rank 1 of 2, no model
+    trainer.cfg, trainer.rank, trainer.world = TrainConfig(resume="latest", output_path=str(tmp_path)), 1, 2
+    # rank 0 resumes step 4; this rank's copy of the output folder has no checkpoint
+    monkeypatch.setattr(trainer_module, "all_reduce_sum", ranks_all_reduce([4, -1]))
+    with pytest.raises(TrainingError, match="rank 1 sees no checkpoint but another rank sees checkpoint step 4"):
+        trainer._resume_checkpoint()
+    # a rank whose checkpoint does not load still joins the check (or the others would wait for
+    # it), then fails with its own reason
+    calls = []
+    monkeypatch.setattr(trainer_module, "all_reduce_sum", lambda row: calls.append(row.tolist()) or row * 0 - 2)
+
+    def unloadable(resume, output_path):
+        raise TrainingError("checkpoint step-00000004 cannot be loaded")
+    monkeypatch.setattr(checkpoints, "load_resumable", unloadable)
+    with pytest.raises(TrainingError, match="step-00000004 cannot be loaded"):
+        trainer._resume_checkpoint()
+    assert calls == [[0.0, -2.0]]
+    # on one process nothing is gathered
+    trainer.world, calls[:] = 1, []
+    monkeypatch.setattr(checkpoints, "load_resumable", lambda resume, output_path: None)
+    assert trainer._resume_checkpoint() is None and calls == []

@@ -68,14 +68,20 @@ def dpm_scheduler():
         use_karras_sigmas=False, timestep_spacing="linspace", steps_offset=0, thresholding=False)
 
 
-def run_sample_py(c, tmp_path, latents, height, width, *extra):
+def model_flags(c, checkpoint=None):
+    """The four model flags of the tiny components (the converted .ckpt unless ``checkpoint``)."""
+    return ["--checkpoint", str(checkpoint or c["ckpt"]), "--vae_root", str(c["folder"] / "vae"),
+            "--text_encoder_root", str(c["folder"] / "text_encoder"), "--tokenizer_root", c["tokenizer_dir"]]
+
+
+def run_sample_py(c, tmp_path, latents, height, width, *extra, models=None, env=None):
+    """sample.py from ``latents`` with ``models`` (default: ``model_flags(c)``) -> (images, stdout)."""
     np.save(tmp_path / "latents.npy", latents)
     out = tmp_path / "out"
-    cmd = [sys.executable, "sample.py", "--checkpoint", str(c["ckpt"]), "--vae_root", str(c["folder"] / "vae"),
-           "--text_encoder_root", str(c["folder"] / "text_encoder"), "--tokenizer_root", c["tokenizer_dir"],
+    cmd = [sys.executable, "sample.py", *(model_flags(c) if models is None else models),
            "--latents", str(tmp_path / "latents.npy"), "--image_height", str(height), "--image_width", str(width),
            "--output_path", str(out), "--batch_size", "2", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     files = sorted(p for p in os.listdir(out) if p.endswith(".png"))
     return [np.asarray(Image.open(out / f).convert("RGB")) for f in files], proc.stdout
@@ -230,6 +236,14 @@ def test_bad_inputs_get_clear_messages(components, tmp_path):
     assert proc.returncode == 1 and "--checkpoint is not set" in proc.stderr
     proc = run_cli(*models)
     assert proc.returncode == 1 and "no prompt" in proc.stderr
+    for flags, message in ((["--attention", "flash"], "--attention flash cannot run here: flash attention runs on "
+                                                      "Ascend NPUs only, not on CPU"),
+                           (["--jit_level", "O2"], "--jit_level O2 (the GE backend) runs on Ascend only"),
+                           (["--max_device_memory", "lots"], "expected a size such as 58GB"),
+                           (["--dtype", "fp16"], "--dtype fp16 is not supported on CPU")):
+        proc = run_cli("--prompt", "x", *flags, *models)
+        assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
+            proc.stderr
 
 
 def test_help_lists_every_flag():
@@ -250,9 +264,11 @@ def test_inference_configs_parse(name):
                                                      "--prompt", "x"])
     assert args.checkpoint.startswith("models/") and args.image_height % 8 == 0
     if name.startswith("dit-"):  # class-conditional: class ids and names, no T5
+        assert args.dtype == ("fp32" if name == "dit-xl-2-256.yaml" else "auto")  # DiT's authors sampled in fp32
         assert args.class_labels and os.path.isfile(os.path.join(ROOT, args.class_names))
         return
     assert args.sampling_method == ("lcm" if "lcm" in name else "dpm") and args.model_max_length in (16, 120, 300)
+    assert args.dtype == "auto"  # the authors' fp16 on Ascend/GPU, fp32 on CPU
 
 
 def test_prompt_file_on_command_line_replaces_config_prompts(tmp_path):
@@ -314,3 +330,176 @@ def test_lcm_one_step_matches_pixart_sigma_pipeline(components, tmp_path, guidan
                             "--sampling_steps", "1", "--guidance_scale", str(guidance),
                             "--use_resolution_binning", "False")
     assert_images_close(ours, [np.asarray(im) for im in expected])
+
+
+# ------------------------------------------------------------------ weights where diffusers users keep them
+
+def tree(folder):
+    """Every file under ``folder`` with its size and modification time."""
+    return sorted((os.path.join(root, name), os.stat(os.path.join(root, name)).st_mtime_ns,
+                   os.stat(os.path.join(root, name)).st_size) for root, _, names in os.walk(folder) for name in names)
+
+
+def save_pipeline_index(folder, parts=("transformer", "vae", "text_encoder", "tokenizer")):
+    """``model_index.json`` of a diffusers PixArt-Σ pipeline saved in ``folder``."""
+    import json
+
+    index = {"_class_name": "PixArtSigmaPipeline", "_diffusers_version": "0.42.1",
+             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}
+    kinds = {"transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"]}
+    index.update({part: kinds[part] for part in parts})
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def test_diffusers_folders_as_checkpoint_give_the_converted_image(components, tmp_path):
+    """--checkpoint takes a diffusers transformer/ folder, or the pipeline folder holding it (here with
+    sharded weights and their index), converted in memory: the images are the converted .ckpt's, and
+    nothing is written beside the folders."""
+    c = components
+    pipeline = tmp_path / "pipeline"
+    c["transformer"].save_pretrained(pipeline / "transformer", max_shard_size="100KB")
+    assert len(list((pipeline / "transformer").glob("*.safetensors"))) > 1
+    assert (pipeline / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    save_pipeline_index(pipeline, ("transformer",))
+    before = tree(c["folder"]), tree(pipeline)
+    latents = np.random.default_rng(5).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    common = ("--prompt", PROMPTS[0], "--sampling_steps", "3", "--use_resolution_binning", "False")
+    images = {}
+    for name, checkpoint in (("ckpt", c["ckpt"]), ("folder", c["folder"] / "transformer"), ("pipeline", pipeline)):
+        (tmp_path / f"run-{name}").mkdir()
+        images[name], _ = run_sample_py(c, tmp_path / f"run-{name}", latents, 64, 64, *common,
+                                        models=model_flags(c, checkpoint))
+    assert len(images["ckpt"]) == 1 and images["ckpt"][0].std() > 0
+    assert np.array_equal(images["folder"][0], images["ckpt"][0])
+    assert np.array_equal(images["pipeline"][0], images["ckpt"][0])
+    assert (tree(c["folder"]), tree(pipeline)) == before
+
+
+def link_into_hub_cache(hub, repo_id, snapshot, commit="0123456789abcdef0123456789abcdef01234567"):
+    """Lay ``snapshot`` (a folder) out as huggingface_hub caches a download: each file a blob named
+    by its hash, linked from snapshots/COMMIT/, and refs/main naming the commit. Returns the
+    snapshot folder in the cache."""
+    import hashlib
+    import shutil
+
+    model_dir = hub / ("models--" + repo_id.replace("/", "--"))
+    target = model_dir / "snapshots" / commit
+    (model_dir / "blobs").mkdir(parents=True)
+    for root, _, names in os.walk(snapshot):
+        for name in names:
+            source = os.path.join(root, name)
+            with open(source, "rb") as f:
+                blob = model_dir / "blobs" / hashlib.sha256(f.read()).hexdigest()
+            shutil.copyfile(source, blob)
+            link = target / os.path.relpath(source, snapshot)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.relpath(blob, link.parent), link)
+    (model_dir / "refs").mkdir()
+    (model_dir / "refs" / "main").write_text(commit)
+    return target
+
+
+@pytest.fixture(scope="module")
+def hub_cache(components, tmp_path_factory):
+    """A Hugging Face hub cache holding the tiny components as the pipeline "tiny-org/pixart-tiny"."""
+    import shutil
+
+    c = components
+    pipeline = tmp_path_factory.mktemp("pipeline")
+    for part in ("transformer", "vae", "text_encoder"):
+        shutil.copytree(c["folder"] / part, pipeline / part)
+    shutil.copytree(c["tokenizer_dir"], pipeline / "tokenizer")
+    save_pipeline_index(pipeline)
+    hub = tmp_path_factory.mktemp("hub")
+    snapshot = link_into_hub_cache(hub, "tiny-org/pixart-tiny", pipeline)
+    return dict(hub=hub, snapshot=snapshot, env=dict(os.environ, HF_HUB_CACHE=str(hub)))
+
+
+def test_pretrained_from_the_hub_cache_equals_the_folders_given(components, hub_cache, tmp_path):
+    """--pretrained ID fills the model flags from the cached snapshot, in place of the config's paths:
+    the image is the one of the folders given explicitly; a model flag on the command line wins."""
+    c = components
+    latents = np.random.default_rng(6).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    common = ("--prompt", PROMPTS[1], "--sampling_steps", "3", "--use_resolution_binning", "False")
+    config = tmp_path / "elsewhere.yaml"  # model paths that do not exist: --pretrained replaces them
+    config.write_text("checkpoint: models/none.ckpt\nvae_root: models/none\ntext_encoder_root: models/none\n"
+                      "tokenizer_root: models/none\n")
+    runs = {"explicit": model_flags(c, c["folder"] / "transformer"),
+            "pretrained": ["-c", str(config), "--pretrained", "tiny-org/pixart-tiny"],
+            "ckpt wins": ["--pretrained", "tiny-org/pixart-tiny", "--checkpoint", str(c["ckpt"])]}
+    images, checkpoints = {}, {}
+    for name, models in runs.items():
+        (tmp_path / name).mkdir()
+        images[name], _ = run_sample_py(c, tmp_path / name, latents, 64, 64, *common, models=models,
+                                        env=hub_cache["env"])
+        png = next(p for p in os.listdir(tmp_path / name / "out") if p.endswith(".png"))
+        checkpoints[name] = Image.open(tmp_path / name / "out" / png).text["checkpoint"]
+    assert np.array_equal(images["pretrained"][0], images["explicit"][0])
+    assert np.array_equal(images["ckpt wins"][0], images["explicit"][0])
+    assert checkpoints == {"explicit": "transformer", "pretrained": "transformer", "ckpt wins": "transformer.ckpt"}
+
+
+def test_pretrained_fills_only_the_flags_not_given(hub_cache, monkeypatch):
+    """In process: the parts come from the snapshot, a flag on the command line stays, the web demo
+    takes --pretrained as naming the model (no bundled default config), train.py's flags fill the
+    same way, and a DiT pipeline (no text encoder in its model_index.json) asks for no T5."""
+    import gradio_demo
+    from pixart.cli import parse_with_config
+    from pixart.cli.inference import build_parser
+    from pixart.utils.hf_cache import apply_pretrained, pretrained_parts
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache["hub"]))
+    snapshot = hub_cache["snapshot"]
+    argv = ["--pretrained", "tiny-org/pixart-tiny", "--vae_root", "my/vae"]
+    args = parse_with_config(build_parser(""), argv)
+    apply_pretrained(args, argv)
+    assert (args.checkpoint, args.vae_root, args.text_encoder_root, args.tokenizer_root) == (
+        str(snapshot / "transformer"), "my/vae", str(snapshot / "text_encoder"), str(snapshot / "tokenizer"))
+    demo = gradio_demo.parse_args(["--pretrained", "tiny-org/pixart-tiny"])
+    assert demo.checkpoint == str(snapshot / "transformer") and demo.prompt is None
+    from pixart.cli.training import build_parser as build_training_parser
+    from pixart.training.config import TrainConfig
+
+    argv = ["--pretrained", "tiny-org/pixart-tiny", "--tokenizer_root", "my/tokenizer"]  # train.py's flags
+    train = parse_with_config(build_training_parser(""), argv)
+    apply_pretrained(train, argv)
+    cfg = TrainConfig.from_namespace(train)
+    assert (cfg.checkpoint, cfg.vae_root, cfg.text_encoder_root, cfg.tokenizer_root) == (
+        str(snapshot / "transformer"), str(snapshot / "vae"), str(snapshot / "text_encoder"), "my/tokenizer")
+
+    dit = snapshot.parent.parent.parent / "dit-pipeline"
+    (dit / "transformer").mkdir(parents=True)
+    (dit / "transformer" / "config.json").write_text("{}")
+    (dit / "transformer" / "diffusion_pytorch_model.safetensors").write_text("")
+    (dit / "model_index.json").write_text('{"_class_name": "DiTPipeline", "transformer": [], "vae": []}')
+    with pytest.raises(ValueError, match=r"lacks vae/ \(--vae_root\);"):
+        pretrained_parts(str(dit), ["checkpoint", "vae_root", "text_encoder_root", "tokenizer_root"])
+    assert pretrained_parts(str(dit), ["checkpoint", "text_encoder_root", "tokenizer_root"]) == {
+        "checkpoint": str(dit / "transformer")}
+
+
+def test_pretrained_not_cached_or_incomplete_is_one_clear_line(hub_cache, tmp_path):
+    import shutil
+
+    prompt = ["--prompt", "x", "--output_path", str(tmp_path / "out")]
+    empty = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    proc = subprocess.run([sys.executable, "sample.py", "--pretrained", "tiny-org/pixart-tiny", *prompt], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=empty)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "not in the Hugging Face cache" in lines[0] and str(tmp_path / "empty-cache") in lines[0]
+    assert "huggingface-cli download tiny-org/pixart-tiny" in lines[0]
+
+    partial = tmp_path / "partial"  # a download that stopped before the text encoder and the tokenizer
+    shutil.copytree(hub_cache["hub"], partial, symlinks=True)
+    snapshot = partial / os.path.relpath(hub_cache["snapshot"], hub_cache["hub"])
+    shutil.rmtree(snapshot / "tokenizer")
+    os.remove(next(p for p in (snapshot / "text_encoder").iterdir() if p.name.endswith(".safetensors")))
+    cut_short = dict(os.environ, HF_HUB_CACHE=str(partial))
+    proc = subprocess.run([sys.executable, "sample.py", "--pretrained", "tiny-org/pixart-tiny", *prompt], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=cut_short)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "text_encoder/ (--text_encoder_root), tokenizer/ (--tokenizer_root)" in lines[0]
+    assert "vae/" not in lines[0] and "transformer/" not in lines[0] and str(snapshot) in lines[0]

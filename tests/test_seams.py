@@ -249,18 +249,22 @@ def test_load_weights_accepts_declared_adapter_keys_only():
 
 # ------------------------------------------------------------------------------ kernel choices
 
-def test_kernel_choice_follows_the_option_not_the_context():
+def test_kernel_choice_follows_the_option_not_the_context(monkeypatch):
+    from pixart.models import attention
+
+    monkeypatch.setattr(attention, "flash_unavailable_reason", lambda device, dtype: "" if device == "Ascend" else "no")
     assert Kernels.for_device("CPU") == Kernels(attention="math", gelu="composed")
     assert Kernels.for_device("Ascend", ms.float16) == Kernels(attention="flash", gelu="fused")
-    assert Kernels.for_device("Ascend", ms.float32).attention == "math"
+    assert Kernels.for_device("Ascend", ms.float16, attention="math").attention == "math"
     assert Kernels.for_device("GPU", ms.float16) == Kernels(attention="math", gelu="fused")
     with pytest.raises(ValueError, match="attention kernel"):
         Kernels(attention="fast")
     fused = build_model(TINY, kernels=Kernels(gelu="fused"))
     assert all(not cell.composed_gelu for _, cell in fused.cells_and_names() if hasattr(cell, "composed_gelu"))
     flash = build_model(TINY, kernels=Kernels(attention="flash"))
-    assert flash.blocks[0].attn.flash and flash.blocks[0].cross_attn.flash
-    assert not tiny_model().blocks[0].attn.flash
+    assert flash.blocks[0].attn.attention_kernel == flash.blocks[0].cross_attn.attention_kernel == "flash"
+    ms.set_device("CPU")
+    assert tiny_model().blocks[0].attn.attention_kernel == "math"  # the default runs anywhere
 
 
 def test_both_gelu_forms_give_the_same_model_output():

@@ -171,16 +171,55 @@ def test_two_workers_match_one_process(workspace, base_checkpoint, tmp_path, kin
     train(workspace, single, *common, "--batch_size", "4")
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     logs = tmp_path / "msrun_logs"
+    # rank 0 alone validates, then both ranks meet in a barrier; it must change nothing of the training
+    validation = ["--validation_every", "2", "--validation_prompts", "a cat", "--validation_steps", "2"] \
+        if kind == "full" else []
     proc = subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--log_dir={logs}", "--join=True",
                            "train.py", "-c", str(workspace["config"]), "--output_path", str(parallel), *map(str, common),
-                           "--batch_size", "2", "--use_parallel", "True"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+                           *validation, "--batch_size", "2", "--use_parallel", "True"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
     worker_logs = {f: open(os.path.join(logs, f)).read() for f in os.listdir(logs) if f.startswith("worker")}
     assert proc.returncode == 0, proc.stderr[-2000:] + "\n".join(v[-2000:] for v in worker_logs.values())
     assert max_diff(final_weights(single, 4), final_weights(parallel, 4)) < 1e-5
+    if validation:
+        assert sorted(os.listdir(parallel / "validation")) == ["step-00000002", "step-00000004"]
     checksums = {line.split("checksum")[1].strip() for text in worker_logs.values()
                  for line in text.splitlines() if "weights checksum" in line}
     assert len(worker_logs) == 2 and len(checksums) == 1, checksums
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_rank_draws_its_rows_of_the_single_process_draws(world):
+    """Noise, timesteps and drop flags of a rank's rows equal those rows of a 1-process run."""
+    from pixart.diffusion.objectives import DiffusionObjective, LCMObjective
+    from pixart.training.trainer import draw_sample_noise
+
+    g, shape = 8, (4, 6, 5)
+    for draw_timesteps in (DiffusionObjective.draw_timesteps, LCMObjective.draw_timesteps):
+        single = draw_sample_noise(draw_timesteps, 7, 3, range(g), shape, 0.5)
+        b = g // world
+        ranks = [draw_sample_noise(draw_timesteps, 7, 3, range(r * b, (r + 1) * b), shape, 0.5) for r in range(world)]
+        for whole, parts in zip(single, zip(*ranks)):
+            np.testing.assert_array_equal(whole, np.concatenate(parts))
+    t, noise, posterior_noise, drop = single
+    assert t.dtype == np.int32 and noise.shape == posterior_noise.shape == (g, *shape) and drop.dtype == bool
+    # every sample and every micro-batch draws its own numbers
+    assert len(set(t.tolist())) > 1 and 0 < drop.sum() < g
+    assert len({noise[i].tobytes() for i in range(g)}) == g and not np.array_equal(noise, posterior_noise)
+    assert not np.array_equal(draw_sample_noise(draw_timesteps, 7, 4, range(g), shape, 0.5)[1], noise)
+
+
+@pytest.mark.parametrize("rank,world,validated,barriers", [(0, 1, 1, 0), (0, 2, 1, 1), (1, 2, 0, 1)])
+def test_validation_on_rank_0_ends_in_a_barrier_of_every_rank(monkeypatch, rank, world, validated, barriers):
+    from pixart.training import trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "all_reduce_sum", lambda values: calls.append("barrier") or values)
+    trainer = trainer_module.Trainer.__new__(trainer_module.Trainer)  # the loop's bookkeeping, no model
+    trainer.rank, trainer.world, trainer.is_main = rank, world, rank == 0
+    trainer.validate = lambda step: calls.append(f"validate {step}")
+    trainer.validate_and_wait(6)
+    assert calls == ["validate 6"] * validated + ["barrier"] * barriers
 
 
 def test_bad_config_key_and_missing_data(workspace, tmp_path):
@@ -190,6 +229,13 @@ def test_bad_config_key_and_missing_data(workspace, tmp_path):
     assert proc.returncode == 2 and "unknown key(s) learning_rate" in proc.stderr
     proc = train(workspace, tmp_path / "x", "--image_dir", tmp_path / "nowhere", check=False)
     assert proc.returncode == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    for flags, message in ((["--attention", "flash"], "--attention flash cannot run here: flash attention runs on "
+                                                      "Ascend NPUs only, not on CPU"),
+                           (["--jit_level", "O2"], "--jit_level O2 (the GE backend) runs on Ascend only"),
+                           (["--dtype", "bf16"], "--dtype bf16 is not supported on CPU")):
+        proc = train(workspace, tmp_path / "y", *flags, check=False)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-800:]
+        assert not (tmp_path / "y").exists()
 
 
 # ------------------------------------------------------------------ one run per folder, safe resume

@@ -19,8 +19,8 @@ import numpy as np
 
 from pixart.cli import entry_point, non_negative_int, positive_int
 from pixart.models.pixart_checkpoint import (
-    check_state_dict, diffusers_config, expected_shapes, infer_config, official_to_diffusers, read_source,
-    save_mindspore_checkpoint)
+    add_null_caption, check_state_dict, diffusers_config, expected_shapes, infer_config, official_to_diffusers,
+    read_source, save_mindspore_checkpoint)
 from pixart.runtime import DTYPE_NAMES
 from pixart.utils.files import refuse_existing
 
@@ -121,7 +121,6 @@ def dit_to_mindspore(sd, read_hints, args) -> None:
 def to_mindspore(args) -> None:
     from pixart.models.controlnet import split_control
     from pixart.models.dit_checkpoint import is_dit_state_dict
-    from pixart.models.pixart import random_null_caption
 
     sd, hints = read_source(args.source, use_ema=args.ema)
     if is_dit_state_dict(sd):
@@ -144,10 +143,7 @@ def to_mindspore(args) -> None:
         given["num_heads"] = args.num_heads
     config = infer_config(sd, **given)
     print(describe(config))
-    if "y_embedder.y_embedding" not in sd:
-        # diffusers drops the null caption; it is only used for caption dropout when training
-        sd["y_embedder.y_embedding"] = random_null_caption(np.random.default_rng(0), config.model_max_length,
-                                                           config.caption_channels)
+    if add_null_caption(sd, config):
         print(f"note: the source has no y_embedding (null caption); initialised {config.model_max_length}x"
               f"{config.caption_channels} randomly as the official model does. It only matters for finetuning "
               f"with caption dropout.")

@@ -7,7 +7,8 @@ from typing import List
 
 from pixart.cli import non_negative_int, positive_int, str2bool
 from pixart.errors import ConfigError
-from pixart.runtime import DEVICES, DTYPE_NAMES
+from pixart.models.attention import ATTENTION_KERNELS
+from pixart.runtime import DEVICES, DTYPE_NAMES, JIT_LEVELS
 
 EXECUTION_MODES = ("graph", "streamed", "pynative")
 
@@ -18,7 +19,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", help="YAML file with defaults for any of the flags below")
     g = p.add_argument_group("models")
-    g.add_argument("--checkpoint", help="transformer weights: a .ckpt made by tools/convert.py (or any source it reads)")
+    g.add_argument("--pretrained", metavar="ID",
+                   help="a diffusers pipeline already in the local Hugging Face cache, never downloaded (e.g. "
+                        "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, as `huggingface-cli download` leaves it; or a "
+                        "local pipeline folder): its transformer/, vae/, text_encoder/ and tokenizer/ replace the "
+                        "config's model paths; the model flags below, given on the command line, win")
+    g.add_argument("--checkpoint", help="transformer weights: a .ckpt made by tools/convert.py or any source it "
+                                        "reads, e.g. a diffusers transformer/ or pipeline folder (converted in "
+                                        "memory)")
     g.add_argument("--vae_root", help="diffusers AutoencoderKL folder (config.json + safetensors)")
     g.add_argument("--text_encoder_root", help="T5 encoder folder (config.json + safetensors shards)")
     g.add_argument("--tokenizer_root", help="T5 tokenizer folder (spiece.model / tokenizer.json)")
@@ -43,7 +51,19 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--controlnet", help="a PixArt-δ ControlNet branch for --checkpoint: a .ckpt from tools/convert.py, "
                                         "the official PixArt-XL-2-1024-ControlNet.pth, or a diffusers ControlNet "
                                         "adapter (converted in memory); needs --control_image")
-    g.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="compute dtype (CPU: fp32 only)")
+    g = p.add_argument_group("device and precision (see the README's 'Running on Ascend / GPU')")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
+                   help="compute dtype; auto: fp16 on Ascend and GPU (what the PixArt authors ran), fp32 on CPU "
+                        "(MindSpore's CPU matmuls are fp32 only)")
+    g.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
+                   help="auto: MindSpore's flash_attention_score where it runs (Atlas A2/A3 NPUs in fp16/bf16), "
+                        "else math; math: matmul attention in query chunks of at most 1 GiB of scores (any device); "
+                        "flash: require the flash kernel")
+    g.add_argument("--jit_level", choices=JIT_LEVELS, default="O0",
+                   help="MindSpore compiler level: O0 kernel by kernel, O1 with operator fusion, O2 whole-graph "
+                        "sinking (GE backend, Ascend only)")
+    g.add_argument("--max_device_memory", default=None,
+                   help="the most device memory MindSpore may take, e.g. 58GB (default: MindSpore's, the whole device)")
     g.add_argument("--mode", choices=EXECUTION_MODES, default="graph",
                    help="graph: the denoiser compiled once per shape (fastest); streamed: one compiled block "
                         "that every block's weights run through (graph speed with the memory of one block: "
@@ -186,9 +206,9 @@ def model_paths(args: argparse.Namespace):
                       tuple(args.lora_path or ()) + ((args.controlnet,) if args.controlnet else ()))
 
 
-def load_transformer(args: argparse.Namespace, dtype):
-    """The transformer of --checkpoint with the architecture flags applied and the --lora_path
-    adapters merged in; (model, LoraMerger or None)."""
+def load_transformer(args: argparse.Namespace, dtype, kernels):
+    """The transformer of --checkpoint computing with ``kernels`` (``Kernels.for_device``), the
+    architecture flags applied and the --lora_path adapters merged in; (model, LoraMerger or None)."""
     from pixart.models.family import holds_dit
     from pixart.models.pixart_checkpoint import load_pixart
     from pixart.pipelines.loading import merge_loras
@@ -198,8 +218,8 @@ def load_transformer(args: argparse.Namespace, dtype):
 
         if args.lora_path or args.controlnet:
             raise ConfigError("--lora_path and --controlnet adapt PixArt checkpoints, not a DiT")
-        return load_dit(args.checkpoint, dtype=dtype, input_size=args.input_size)[0], None
-    model, _ = load_pixart(args.checkpoint, dtype=dtype, input_size=args.input_size,
+        return load_dit(args.checkpoint, dtype=dtype, kernels=kernels, input_size=args.input_size)[0], None
+    model, _ = load_pixart(args.checkpoint, dtype=dtype, kernels=kernels, input_size=args.input_size,
                            pe_interpolation=args.pe_interpolation, kv_compress_layers=args.kv_compress_layers,
                            kv_compress_sampling=args.kv_compress_sampling, kv_compress_ratio=args.kv_compress_ratio)
     merger = merge_loras(model, args.lora_path or [], args.lora_scale)

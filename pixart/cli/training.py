@@ -57,6 +57,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         if group not in groups:
             groups[group] = p.add_argument_group(group)
         groups[group].add_argument(f"--{field.name}", **_argument(field, hints[field.name]))
+    groups["model"].add_argument("--pretrained", metavar="ID",
+                                 help="a diffusers pipeline already in the local Hugging Face cache, never downloaded "
+                                      "(e.g. PixArt-alpha/PixArt-Sigma-XL-2-512-MS; or a local pipeline folder): its "
+                                      "transformer/, vae/, text_encoder/ and tokenizer/ replace the config's "
+                                      "--checkpoint and model folders; those flags given on the command line win")
     runtime = groups["runtime"]
     runtime.add_argument("--use_parallel", type=str2bool, default=False, help="data parallel over msrun workers")
     runtime.add_argument("--device", choices=DEVICES, default=None, help="MindSpore device (default: the installed "

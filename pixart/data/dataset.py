@@ -5,17 +5,25 @@ The label file is a JSON list of records::
     {"path": "cats/001.jpg", "prompt": "a cat", "sharegpt4v": "A long caption ...",
      "height": 768, "width": 512, "ratio": 1.5}
 
-``path`` is relative to the image folder; ``sharegpt4v`` is optional. ``height``,
-``width`` and ``ratio`` are informative only: the image file itself is opened at load
-time and its real size (after EXIF orientation) decides the bucket, so a wrong label can
-never make the crop fail.
+``path`` is relative to the image folder; ``sharegpt4v`` is optional; ``ratio`` is not read.
+A record's ``height`` and ``width``, when both are positive numbers, are trusted: they decide
+its bucket and micro-conditions without the image file being opened, and are taken as the
+image's size as trained, i.e. after EXIF orientation. A record without them has its image's
+header read. With ``verify_images`` every image is instead fully decoded at start and its own
+size (after EXIF orientation) decides; disagreeing labels are counted. A wrong label size costs
+at most a poorer crop, never a failed one: :func:`load_image` resizes the real image to cover
+the bucket size and center crops it, whatever size the label claimed.
+
+Without ``verify_images`` a bad image is found when a sample first loads it: it is skipped
+then, another image of its bucket taking its place (:meth:`TrainDataset.get`), and counted.
+From the feature cache no image is decoded while training, so there is nothing to find.
 
 Records that cannot be trained on are skipped with a warning and counted by reason:
 
 * ``malformed record``: not an object, no string ``path``, or a caption that is not a string;
 * ``missing file``: no file at ``image_dir/path``;
-* ``unreadable image``: PIL cannot open it or, with ``verify_images``, fully decode it
-  (truncated or corrupt data);
+* ``unreadable image``: PIL cannot read its header (when the label has no size) or, with
+  ``verify_images``, cannot fully decode it (truncated or corrupt data);
 * ``ratio out of range``: height/width outside [r_min / 1.125, r_max * 1.125], where
   r_min..r_max is the bucket table's range (0.25..4.0 for every official table, giving
   [0.222, 4.5]; the 4.5 cap is the official loader's). Beyond it the crop to the extreme
@@ -31,12 +39,15 @@ says why.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import dataclasses
 import json
 import logging
+import math
 import os
+import threading
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -90,6 +101,7 @@ class LoadSummary:
     """What :func:`load_records` kept and skipped, for the start-of-training report."""
     total: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    sizes_from_labels: int = 0
     label_size_mismatch: int = 0
     bucket_counts: Dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -100,6 +112,9 @@ class LoadSummary:
     def __str__(self) -> str:
         lines = [f"{self.kept} of {self.total} records usable"]
         lines += [f"  skipped, {reason}: {n}" for reason, n in sorted(self.skipped.items())]
+        if self.sizes_from_labels:
+            lines.append(f"  sizes taken from the labels, images not opened (--verify_images checks them): "
+                         f"{self.sizes_from_labels}")
         if self.label_size_mismatch:
             lines.append(f"  label height/width disagreeing with the image file (file size used): "
                          f"{self.label_size_mismatch}")
@@ -110,7 +125,7 @@ class LoadSummary:
 
 
 def load_records(json_path: str, image_dir: str, table: BucketTable, fixed_size: Optional[Size] = None,
-                 verify_images: bool = True, cache_dir: Optional[str] = None,
+                 verify_images: bool = False, cache_dir: Optional[str] = None,
                  control_field: Optional[str] = None, classes: Optional[Tuple[str, int]] = None
                  ) -> Tuple[List[Record], LoadSummary]:
     """Read and validate the label file.
@@ -120,8 +135,9 @@ def load_records(json_path: str, image_dir: str, table: BucketTable, fixed_size:
         image_dir: folder the records' paths are relative to.
         table: bucket table; assigns buckets and bounds the accepted ratios.
         fixed_size: train every image at this (h, w) instead of its bucket's size.
-        verify_images: fully decode every image now (catches truncated files; costs one
-            decode per image); False only reads the headers.
+        verify_images: fully decode every image now and take its size from the file (catches
+            truncated files; costs one decode per image). False takes a record's size from its
+            label when it has one, from the image header otherwise.
         cache_dir: feature-cache folder; records without an entry there are skipped.
         control_field: label field naming each record's control image (ControlNet training);
             records without a readable one are skipped.
@@ -168,11 +184,15 @@ def load_records(json_path: str, image_dir: str, table: BucketTable, fixed_size:
         if not os.path.isfile(file):
             skip("missing file", where, f"no file {file}")
             continue
-        try:
-            height, width = image_size(file, decode=verify_images)
-        except Exception as e:  # any failure to decode makes the image unusable, whatever PIL raises
-            skip("unreadable image", where, f"{type(e).__name__}: {e}")
-            continue
+        label_size = None if verify_images else _label_size(item)
+        if label_size:
+            height, width = label_size
+        else:
+            try:
+                height, width = image_size(file, decode=verify_images)
+            except Exception as e:  # any failure to decode makes the image unusable, whatever PIL raises
+                skip("unreadable image", where, f"{type(e).__name__}: {e}")
+                continue
         if not lo <= height / width <= hi:
             skip("ratio out of range", where,
                  f"height/width {height}/{width} = {height / width:.3f} is outside [{lo:.3f}, {hi:.3f}]")
@@ -189,8 +209,9 @@ def load_records(json_path: str, image_dir: str, table: BucketTable, fixed_size:
             if control_file is None or not os.path.isfile(control_file):
                 skip("missing control image", where, f"no file in its '{control_field}' field ({control!r})")
                 continue
-        if _label_disagrees(item, height, width):
+        if not label_size and _label_disagrees(item, height, width):
             summary.label_size_mismatch += 1
+        summary.sizes_from_labels += label_size is not None
         records.append(Record(item["path"], file, captions, height, width, bucket, size, control_file, class_id))
 
     counts = collections.Counter(r.bucket for r in records)
@@ -221,11 +242,19 @@ def _fixed_bucket(size: Size) -> Tuple[str, Size]:
     return str(round(size[0] / size[1], 2)), size
 
 
-def _label_disagrees(item: dict, height: int, width: int) -> bool:
+def _label_size(item: dict) -> Optional[Size]:
+    """The record's (height, width) label rounded to pixels, or None unless both are finite and
+    round to at least one pixel."""
     h, w = item.get("height"), item.get("width")
-    if not (isinstance(h, (int, float)) and isinstance(w, (int, float)) and h > 0 and w > 0):
-        return False
-    return abs(h / w - height / width) > 0.01 * (height / width)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and round(v) >= 1
+               for v in (h, w)):
+        return None
+    return round(h), round(w)
+
+
+def _label_disagrees(item: dict, height: int, width: int) -> bool:
+    label = _label_size(item)
+    return label is not None and abs(label[0] / label[1] - height / width) > 0.01 * (height / width)
 
 
 def image_size(file: str, decode: bool = True) -> Size:
@@ -275,7 +304,8 @@ class TrainDataset:
         seed: seeds the caption choice, which depends only on (seed, epoch, index).
         divisor: VAE factor x patch size, for bucket tables of non-official base sizes.
         cache_dir: if set, samples are read from the feature cache instead of images.
-        verify_images: fully decode every image at start (see :func:`load_records`).
+        verify_images: fully decode every image at start and take sizes from the files (see
+            :func:`load_records`); otherwise bad images are skipped when first loaded (:meth:`get`).
         control: for ControlNet training, (label field of the control image or None, "none" or
             "canny"): samples then carry a control image (or its cached latents).
         classes: for class-conditioned training, (label field of the class id, number of
@@ -284,7 +314,7 @@ class TrainDataset:
 
     def __init__(self, json_path: str, image_dir: str, image_size: int, *, multi_scale: bool = True,
                  real_prompt_ratio: float = 0.5, seed: int = 0, divisor: int = DEFAULT_DIVISOR,
-                 cache_dir: Optional[str] = None, verify_images: bool = True,
+                 cache_dir: Optional[str] = None, verify_images: bool = False,
                  control: Optional[Tuple[Optional[str], str]] = None, classes: Optional[Tuple[str, int]] = None):
         if not 0.0 <= real_prompt_ratio <= 1.0:
             raise ValueError(f"real_prompt_ratio must be in [0, 1], got {real_prompt_ratio}")
@@ -304,6 +334,12 @@ class TrainDataset:
         self.records, self.summary = load_records(json_path, image_dir, self.table, fixed,
                                                   verify_images=verify_images, cache_dir=cache_dir,
                                                   control_field=control[0] if control else None, classes=classes)
+        self._bucket_members: Dict[str, List[int]] = collections.defaultdict(list)
+        for i, record in enumerate(self.records):
+            self._bucket_members[record.bucket].append(i)
+        # indices whose image (or control image) failed to load; shared by the loading threads
+        self.unreadable: set = set()
+        self._unreadable_lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -325,7 +361,7 @@ class TrainDataset:
         record = self.records[index]
         try:
             return load_image(record.file, record.size, self.resample)
-        except Exception as e:  # the file changed since validation; name it instead of a bare trace
+        except Exception as e:  # never decoded before (or changed since): name it instead of a bare trace
             raise DatasetError(f"cannot load {record.file} (record '{record.path}'): "
                                f"{type(e).__name__}: {e}") from e
 
@@ -345,7 +381,38 @@ class TrainDataset:
                                f"{type(e).__name__}: {e}") from e
 
     def get(self, index: int, epoch: int) -> dict:
-        """One training sample.
+        """One training sample (see :meth:`sample`); in image mode, when the record's image cannot
+        be loaded, the sample of the next loadable record of its bucket in index order (wrapping
+        around) instead. The choice depends only on the files, so every rank makes the same one
+        for the same index; the first failure of an index is logged with the count so far, and
+        the index is not tried again. DatasetError if no image of the bucket loads."""
+        if self.cache_dir is not None:
+            return self.sample(index, epoch)
+        members = self._bucket_members[self.records[index].bucket]
+        start = bisect.bisect_left(members, index)  # members are in index order
+        for k in range(len(members)):
+            candidate = members[(start + k) % len(members)]
+            if candidate in self.unreadable:
+                continue
+            try:
+                return self.sample(candidate, epoch)
+            except DatasetError as e:
+                self._count_unreadable(candidate, e)
+        raise DatasetError(f"no image of bucket {self.records[index].bucket} can be loaded "
+                           f"({len(members)} records, the first {self.records[members[0]].file})")
+
+    def _count_unreadable(self, index: int, error: DatasetError) -> None:
+        with self._unreadable_lock:
+            if index in self.unreadable:  # another thread found it first
+                return
+            self.unreadable.add(index)
+            count = len(self.unreadable)
+        logger.warning("skipping an unreadable image: %s; another image of its bucket takes its place "
+                       "(%d unreadable image%s found so far; --verify_images finds them all at start)",
+                       error, count, "" if count == 1 else "s")
+
+    def sample(self, index: int, epoch: int) -> dict:
+        """The training sample of record ``index``.
 
         Always: ``caption`` (str), ``img_hw`` float32 (2,) original height and width,
         ``aspect_ratio`` float32 () the bucket's ratio (the micro-conditions of α 1024).

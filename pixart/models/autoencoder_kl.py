@@ -29,6 +29,7 @@ from mindspore import Parameter, Tensor, mint, nn, ops
 from mindspore.common.initializer import initializer
 
 from pixart.errors import ModelLoadError
+from pixart.models.attention import math_attention
 from pixart.utils.hf_folder import load_folder_weights, read_folder_config
 
 _IM2COL_BUDGET = 1 << 26   # elements of one im2col buffer (256 MiB in fp32)
@@ -206,19 +207,12 @@ class Attention(nn.Cell):
         self.to_k = nn.Dense(channels, channels, weight_init="zeros", dtype=dtype)
         self.to_v = nn.Dense(channels, channels, weight_init="zeros", dtype=dtype)
         self.to_out = nn.CellList([nn.Dense(channels, channels, weight_init="zeros", dtype=dtype)])
-        self.scale = channels ** -0.5
 
     def construct(self, x):
         b, c, h, w = x.shape
-        n = h * w
-        t = self.group_norm(x).reshape(b, c, n).swapaxes(1, 2)
-        q, k, v = self.to_q(t) * self.scale, self.to_k(t).swapaxes(1, 2), self.to_v(t)
-        block = max(1, min(n, _SCORES_BUDGET // (b * n)))
-        outs = []
-        for start in range(0, n, block):
-            scores = ops.matmul(q[:, start:start + block], k).astype(ms.float32)
-            outs.append(ops.matmul(ops.softmax(scores, axis=-1).astype(v.dtype), v))
-        out = outs[0] if len(outs) == 1 else ops.concat(outs, axis=1)
+        t = self.group_norm(x).reshape(b, c, h * w).swapaxes(1, 2)
+        q, k, v = self.to_q(t)[:, None], self.to_k(t)[:, None], self.to_v(t)[:, None]
+        out = math_attention(q, k, v, budget=_SCORES_BUDGET)[:, 0]
         return x + self.to_out[0](out).swapaxes(1, 2).reshape(b, c, h, w)
 
 

@@ -151,7 +151,7 @@ class DiT(nn.Cell):
         super().__init__()
         self.config = cfg = config
         self.dtype = dtype
-        self.kernels = kernels = kernels or Kernels.for_device(dtype=dtype)
+        self.kernels = kernels = kernels or Kernels()
         d = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d, dtype)
         self.t_embedder = TimestepEmbedder(d, compute_dtype=dtype, freq_shift=cfg.freq_shift)

@@ -106,10 +106,12 @@ def diffusers_hints(dcfg: dict) -> dict:
 
 def read_dit_source(path: str) -> Tuple[StateDict, dict]:
     """(official-named weights without pos_embed, hints) from an official .pt/.pth, a
-    diffusers ``transformer/`` folder, a .safetensors file or one of our DiT .ckpt files."""
-    from pixart.models.pixart_checkpoint import read_source
+    diffusers ``transformer/`` folder (or its pipeline folder), a .safetensors file or one of our
+    DiT .ckpt files."""
+    from pixart.models.pixart_checkpoint import read_source, transformer_source
     from pixart.utils.mindspore_ckpt import read_ckpt
 
+    path = transformer_source(path)  # official_dit reads the folder's config.json
     if path.endswith(".ckpt") and os.path.isfile(path):
         raw = read_ckpt(path)
         stored = json.loads(raw[CONFIG_KEY]) if isinstance(raw.get(CONFIG_KEY), str) else {}

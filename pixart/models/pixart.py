@@ -21,6 +21,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from pixart.models.attention import attention
+from pixart.runtime import jit
+
 MASK_BIAS = -10000.0  # what diffusers adds for padded caption tokens; exp() of it is 0 in fp32
 
 
@@ -98,11 +101,14 @@ PRESETS = {
 class Kernels:
     """Which implementation a layer computes with, decided once when the model is built.
 
-    attention: ``math`` (scores and softmax as matmuls, any device and dtype) or ``flash``
-    (MindSpore's fused ``flash_attention_score``: Ascend, fp16/bf16 only).
+    attention: ``math`` (scores and softmax as matmuls, in query chunks; any device and dtype)
+    or ``flash`` (MindSpore's fused ``flash_attention_score``: Atlas A2/A3, fp16/bf16 only);
+    see ``pixart.models.attention``.
     gelu: ``composed`` (``x * sigmoid(...)``, four elementwise ops: on CPU about 4x faster than
     MindSpore's fused kernel) or ``fused`` (``ops.gelu(approximate="tanh")``). Both are the
     tanh approximation.
+
+    The default, ``Kernels()``, runs everywhere; ``for_device`` picks the fastest for a device.
     """
     attention: str = "math"
     gelu: str = "composed"
@@ -114,11 +120,14 @@ class Kernels:
             raise ValueError(f"gelu kernel must be composed or fused, not {self.gelu!r}")
 
     @classmethod
-    def for_device(cls, device: Optional[str] = None, dtype=ms.float32) -> "Kernels":
-        """The fastest choice for ``device`` (default: MindSpore's current device target)."""
-        device = device or ms.get_context("device_target")
-        flash = device == "Ascend" and dtype in (ms.float16, ms.bfloat16)
-        return cls(attention="flash" if flash else "math", gelu="composed" if device == "CPU" else "fused")
+    def for_device(cls, device: str, dtype=ms.float32, attention: str = "auto") -> "Kernels":
+        """The kernels for ``device`` (CPU, GPU, Ascend) in ``dtype``: ``attention`` auto is flash
+        where flash_attention_score can run, math elsewhere; math or flash forces one (flash where
+        it cannot run is a ConfigError saying why)."""
+        from pixart.models.attention import choose_attention
+
+        gelu = "composed" if device == "CPU" else "fused"
+        return cls(attention=choose_attention(attention, device, dtype), gelu=gelu)
 
 
 class Conditioning(NamedTuple):
@@ -312,24 +321,6 @@ class Mlp(nn.Cell):
         return self.fc2(h)
 
 
-def attention(q, k, v, bias=None, flash: bool = False):
-    """Multi-head attention, softmax in fp32.
-
-    q: (B, heads, Nq, d); k, v: (B, heads, Nk, d); bias: None or additive, broadcastable to
-    (B, heads, Nq, Nk), 0 for kept and MASK_BIAS for dropped keys. Returns (B, heads, Nq, d).
-    """
-    head_dim = q.shape[-1]
-    if flash:
-        drop = None if bias is None else ops.broadcast_to(bias < 0, (q.shape[0], 1, q.shape[2], k.shape[2]))
-        return ops.flash_attention_score(q, k, v, q.shape[1], attn_mask=None if drop is None else drop.astype(ms.uint8),
-                                         scalar_value=head_dim ** -0.5, input_layout="BNSD")
-    scores = ops.matmul(q * (head_dim ** -0.5), k.swapaxes(-1, -2)).astype(ms.float32)
-    if bias is not None:
-        scores = scores + bias
-    probs = ops.softmax(scores, axis=-1).astype(v.dtype)
-    return ops.matmul(probs, v)
-
-
 class SelfAttention(nn.Cell):
     """Self-attention over image tokens with optional qk-norm and KV token compression.
 
@@ -355,7 +346,7 @@ class SelfAttention(nn.Cell):
             # depthwise conv, kernel = stride = ratio, initialised to an average as officially
             self.sr = ConvWeights(np.full((dim, 1, kv_ratio, kv_ratio), 1.0 / kv_ratio ** 2, np.float32))
             self.norm = LayerNorm(dim, eps=1e-5, affine=True)
-        self.flash = kernels.attention == "flash"
+        self.attention_kernel = kernels.attention
 
     def _compress(self, t, h, w):
         """(B, h*w, D) -> (B, (h/r)*(w/r), D)."""
@@ -386,7 +377,7 @@ class SelfAttention(nn.Cell):
         q = q.reshape(b, n, heads, -1).swapaxes(1, 2)
         k = k.reshape(b, k.shape[1], heads, -1).swapaxes(1, 2)
         v = v.reshape(b, v.shape[1], heads, -1).swapaxes(1, 2)
-        out = attention(q, k, v, flash=self.flash)
+        out = attention(q, k, v, kernel=self.attention_kernel)
         return self.proj(out.swapaxes(1, 2).reshape(b, n, d))
 
 
@@ -399,7 +390,7 @@ class CrossAttention(nn.Cell):
         self.q_linear = Linear(dim, dim, compute_dtype=compute_dtype)
         self.kv_linear = Linear(dim, dim * 2, compute_dtype=compute_dtype)
         self.proj = Linear(dim, dim, compute_dtype=compute_dtype)
-        self.flash = kernels.attention == "flash"
+        self.attention_kernel = kernels.attention
 
     def construct(self, x, y, bias):
         b, n, d = x.shape
@@ -408,7 +399,7 @@ class CrossAttention(nn.Cell):
         k, v = ops.split(self.kv_linear(y), d, axis=-1)
         k = k.reshape(b, -1, heads, d // heads).swapaxes(1, 2)
         v = v.reshape(b, -1, heads, d // heads).swapaxes(1, 2)
-        out = attention(q, k, v, bias, flash=self.flash)
+        out = attention(q, k, v, bias, kernel=self.attention_kernel)
         return self.proj(out.swapaxes(1, 2).reshape(b, n, d))
 
 
@@ -564,7 +555,7 @@ class PixArt(nn.Cell):
         super().__init__()
         self.config = cfg = config
         self.dtype = dtype
-        self.kernels = kernels = kernels or Kernels.for_device(dtype=dtype)
+        self.kernels = kernels = kernels or Kernels()
         d = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d, dtype)
         self.t_embedder = TimestepEmbedder(d, compute_dtype=dtype)
@@ -753,8 +744,8 @@ class BlockStreamedForward:
         def head(x, t, h, w):
             return model.head(x, t, h, w)
 
-        self._embed = ms.jit(embed)
-        self._head = ms.jit(head)
+        self._embed = jit(embed)
+        self._head = jit(head)
         self._compiled_block = {ratio: self._compile_block(ratio) for ratio in set(model.block_kv_ratios())}
 
     def _compile_block(self, kv_ratio: int):
@@ -769,7 +760,7 @@ class BlockStreamedForward:
                 ops.assign(slot, value)
             return template(x, (caption, t6, caption_bias), h, w)
 
-        return ms.jit(run_block), len(slots)
+        return jit(run_block), len(slots)
 
     def _stream(self, block: "PixArtBlock", x, inputs: BlockInputs, h: int, w: int):
         compiled, num_weights = self._compiled_block[block.attn.kv_ratio]
@@ -805,5 +796,5 @@ class BlockStreamedForward:
 
 
 def build_model(config: PixArtConfig, dtype=ms.float32, kernels: Optional[Kernels] = None) -> PixArt:
-    """PixArtMS for multi-scale configs, PixArt otherwise; ``kernels`` default to the current device's best."""
+    """PixArtMS for multi-scale configs, PixArt otherwise; ``kernels`` default to ``Kernels()`` (any device)."""
     return (PixArtMS if config.multi_scale else PixArt)(config, dtype=dtype, kernels=kernels)

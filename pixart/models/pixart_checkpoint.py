@@ -238,19 +238,22 @@ def read_source(path: str, use_ema: bool = False) -> Tuple[StateDict, dict]:
     """Read any supported transformer source as (official-named weights, hints for
     ``infer_config``); the official ``pos_embed`` buffer becomes the hint ``input_size``.
     Sources: official ``.pth``/``.pt`` (bare, or under ``state_dict`` / ``state_dict_ema``),
-    ``.safetensors`` (official or diffusers names), a diffusers ``transformer/`` folder, or one
-    of our MindSpore ``.ckpt`` files."""
+    ``.safetensors`` (official or diffusers names), a diffusers ``transformer/`` folder (or the
+    pipeline folder holding it), or one of our MindSpore ``.ckpt`` files. Diffusers weights have no
+    ``y_embedder.y_embedding``: ``add_null_caption`` makes one once the architecture is known."""
     from pixart.utils import safetensors_io, torch_pickle
 
     hints: dict = {}
+    path = transformer_source(path)
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
-            raise ModelLoadError(f"{path}: a diffusers transformer folder needs config.json, not found")
+            raise ModelLoadError(f"{path}: a diffusers transformer folder (or a pipeline folder with "
+                                 f"model_index.json and transformer/) needs config.json, not found")
         with open(cfg_path) as f:
             dcfg = json.load(f)
         sd = safetensors_io.load_sharded_folder(path, "diffusion_pytorch_model")
-        hints = diffusers_config_hints(dcfg)
+        hints = {**diffusers_config_hints(dcfg), **pipeline_hints(os.path.dirname(os.path.abspath(path)))}
     elif not os.path.isfile(path):
         raise ModelLoadError(f"{path}: no such file or folder")
     elif path.endswith(".safetensors"):
@@ -270,6 +273,47 @@ def read_source(path: str, use_ema: bool = False) -> Tuple[StateDict, dict]:
         patch = sd["x_embedder.proj.weight"].shape[-1] if "x_embedder.proj.weight" in sd else 1
         hints["input_size"] = int(round(np.sqrt(sd.pop(_POS_EMBED).shape[1]))) * int(patch)
     return sd, hints
+
+
+def transformer_source(path: str) -> str:
+    """The transformer inside a diffusers pipeline folder (``model_index.json`` beside
+    ``transformer/``, as ``save_pretrained`` and the Hugging Face hub lay it out); any other path
+    as it is."""
+    inner = os.path.join(path, "transformer")
+    if os.path.isfile(os.path.join(path, "model_index.json")) and os.path.isdir(inner):
+        return inner
+    return path
+
+
+# T5 tokens of the diffusers pipelines (their ``max_sequence_length`` default), which the transformer
+# folder cannot tell: diffusers drops ``y_embedding``, the tensor whose length says it
+_PIPELINE_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
+
+
+def pipeline_hints(folder: str) -> dict:
+    """What the pipeline's ``model_index.json`` in ``folder`` says of its transformer: the
+    caption length; nothing when ``folder`` is no PixArt pipeline."""
+    try:
+        with open(os.path.join(folder, "model_index.json")) as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    tokens = _PIPELINE_TOKENS.get(index.get("_class_name")) if isinstance(index, dict) else None
+    return {"model_max_length": tokens} if tokens else {}
+
+
+def add_null_caption(sd: StateDict, config: PixArtConfig) -> bool:
+    """Give weights read from diffusers (which drops it) the null caption ``y_embedder.y_embedding``,
+    initialised as the official model does (seed 0, so every load gives the same). It only matters
+    for finetuning with caption dropout; inference encodes its negative prompt instead. Returns
+    whether it was missing."""
+    from pixart.models.pixart import random_null_caption
+
+    if "y_embedder.y_embedding" in sd:
+        return False
+    sd["y_embedder.y_embedding"] = random_null_caption(np.random.default_rng(0), config.model_max_length,
+                                                       config.caption_channels)
+    return True
 
 
 _ADAPTER_BLOCK = re.compile(r"controlnet_blocks\.(\d+)\.(transformer_block\.)?(.*)$")
@@ -409,7 +453,8 @@ def read_config(path: str) -> PixArtConfig:
 def load_pixart(path: str, dtype=None, kernels=None, **overrides):
     """Build the transformer a checkpoint describes and load its weights.
 
-    ``path`` is anything ``read_source`` accepts (normally a converted ``.ckpt``). The
+    ``path`` is anything ``read_source`` accepts (normally a converted ``.ckpt``; a diffusers
+    folder is converted in memory, nothing written). The
     architecture comes from the file; ``overrides`` (e.g. ``input_size``, ``pe_interpolation``,
     ``multi_scale``) replace what an inference config knows better. Returns (model, config).
     """
@@ -419,6 +464,7 @@ def load_pixart(path: str, dtype=None, kernels=None, **overrides):
     sd, hints = read_source(path)
     hints.update({k: v for k, v in overrides.items() if v is not None})
     config = infer_config(sd, **hints)
+    add_null_caption(sd, config)
     model = build_model(config, dtype=dtype or ms.float32, kernels=kernels)
     load_weights(model, sd, path)
     model.set_train(False)

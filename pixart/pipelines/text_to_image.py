@@ -20,7 +20,6 @@ import time
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import mindspore as ms
 from mindspore import Tensor, ops
 from PIL import Image
 from tqdm.auto import tqdm
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from pixart.data.buckets import resize_and_center_crop, resolution_binning
 from pixart.diffusion.samplers import make_sampler
 from pixart.errors import InputError
+from pixart.runtime import jit
 from pixart.models.dit import ClassConditioning, DiTConfig
 from pixart.models.pixart import BlockStreamedForward, Conditioning
 from pixart.utils.seeds import image_seeds
@@ -171,7 +171,7 @@ class GuidedDenoiser:
         self.model = model
         self.forward = BlockStreamedForward(model) if mode == "streamed" else model
         self.guided_channels = guided_channels or channels
-        compile_ = ms.jit if mode == "graph" else (lambda fn: fn)
+        compile_ = jit if mode == "graph" else (lambda fn: fn)
         self._guided = compile_(self._guided_forward)
         self._plain = compile_(self._plain_forward)
 

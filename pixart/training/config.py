@@ -12,7 +12,8 @@ from typing import List, Optional, Tuple
 
 from pixart.errors import ConfigError
 from pixart.models.lora_spec import OFFICIAL_TARGETS, LoraSpec
-from pixart.runtime import DTYPE_NAMES
+from pixart.models.attention import ATTENTION_KERNELS
+from pixart.runtime import DTYPE_NAMES, JIT_LEVELS
 
 
 def option(default, help: str, group: str, **argparse_kwargs):
@@ -38,6 +39,12 @@ class TrainConfig:
     real_prompt_ratio: float = option(0.5, "probability of the original `prompt` over the `sharegpt4v` caption",
                                       "data")
     num_workers: int = option(2, "image loading threads", "data")
+    verify_images: bool = option(False, "decode every image at start, on every rank, and take each image's size from "
+                                        "its file: bad images are then skipped before training, at the cost of one "
+                                        "decode per image. Default: a label's height/width is trusted (the header "
+                                        "is read when it has none), and an image found unreadable when first "
+                                        "loaded is skipped then, another image of its bucket taking its place",
+                                 "data")
     class_field: str = option("class_id", "label field holding each image's integer class id, read when training a "
                                           "class-conditional DiT (--model DiT-...)", "data")
     # model
@@ -59,8 +66,12 @@ class TrainConfig:
     replace_null_caption: bool = option(False, "set y_embedding (the dropped-caption embedding) to T5(\"\"), as the "
                                                "official finetuning", "model")
     recompute: bool = option(False, "activation checkpointing per block", "model")
-    dtype: str = option("fp32", "compute dtype; weights and optimizer stay fp32 (CPU: fp32 only)", "model",
+    dtype: str = option("fp32", "compute dtype; weights and optimizer stay fp32 (CPU: fp32 only; auto: fp16 on "
+                                "Ascend and GPU, fp32 on CPU; fp16 trains with dynamic loss scaling)", "model",
                         choices=DTYPE_NAMES)
+    attention: str = option("auto", "attention kernel: auto (flash_attention_score on Atlas A2/A3 in fp16/bf16, "
+                                    "else math), math (matmuls in query chunks, any device) or flash", "model",
+                            choices=ATTENTION_KERNELS)
     # LoRA
     lora_rank: int = option(0, "train a LoRA adapter of this rank on the frozen --checkpoint (0: train every "
                                "weight)", "lora")
@@ -126,6 +137,10 @@ class TrainConfig:
     mode: str = option("graph", "graph: compiled train step; pynative: eager (debugging)", "runtime",
                        choices=("graph", "pynative"))
     progress: bool = option(True, "progress bar", "runtime")
+    jit_level: str = option("O0", "MindSpore compiler level: O0 kernel by kernel, O1 with operator fusion, O2 "
+                                  "whole-graph sinking (GE backend, Ascend only)", "runtime", choices=JIT_LEVELS)
+    max_device_memory: Optional[str] = option(None, "the most device memory MindSpore may take, e.g. 58GB "
+                                                    "(default: MindSpore's, the whole device)", "runtime")
 
     @classmethod
     def from_namespace(cls, namespace) -> "TrainConfig":

@@ -15,6 +15,16 @@ from mindspore import Tensor
 NULL_CAPTION_FILE = "null_caption.npz"
 
 
+def feature_dtype(name: str, device: str):
+    """The dtype the frozen VAE and T5 run in for the training dtype ``name``: that dtype on Ascend
+    and GPU (half the memory and time of fp32), fp32 on CPU whatever ``name`` says (MindSpore has
+    no half-precision CPU matmuls), so a cache made on CPU serves a half-precision run elsewhere.
+    The VAE keeps fp32 where its config asks (``force_upcast``); features come out as fp32."""
+    from pixart.runtime import compute_dtype
+
+    return compute_dtype("fp32" if device == "CPU" else name, device)
+
+
 class FeatureEncoder:
     """T5 + VAE, frozen and compiled (each input shape once: about 3x PyNative's speed on CPU).
     ``max_length`` is the transformer's caption token count; a class-conditional model's encoder
@@ -38,15 +48,18 @@ class FeatureEncoder:
 
     @classmethod
     def from_folders(cls, vae_root: str, tokenizer_root: Optional[str] = None, text_encoder_root: Optional[str] = None,
-                     max_length: int = 0):
+                     max_length: int = 0, dtype: str = "fp32"):
+        """The encoder of the model folders; ``dtype`` the training's --dtype (see ``feature_dtype``)."""
         from pixart.models.autoencoder_kl import AutoencoderKL
         from pixart.models.t5 import T5Encoder
         from pixart.models.text_encoder import load_tokenizer
 
-        vae = AutoencoderKL.from_pretrained(vae_root)
+        dtype = feature_dtype(dtype, ms.get_context("device_target"))
+        vae = AutoencoderKL.from_pretrained(vae_root, dtype=dtype)
         if text_encoder_root is None:
             return cls(vae)
-        return cls(vae, load_tokenizer(tokenizer_root), T5Encoder.from_pretrained(text_encoder_root), max_length)
+        return cls(vae, load_tokenizer(tokenizer_root), T5Encoder.from_pretrained(text_encoder_root, dtype=dtype),
+                   max_length)
 
     def encode_images(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(B, 3, H, W) in [-1, 1] -> posterior (mean, std), each (B, C, H/f, W/f), unscaled."""

@@ -15,6 +15,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from pixart.diffusion.objectives import DiffusionObjective
+from pixart.runtime import jit
 from pixart.training.optim import EMA, clip_grad_norm
 
 BATCH_FIELDS = ("x0", "t", "noise")  # then the model's conditioning fields: the compiled step's inputs, in order
@@ -76,8 +77,8 @@ class TrainStep:
             self.loss_scaler = ms.amp.DynamicLossScaler(scale_value=loss_scale, scale_factor=2, scale_window=2000)
         self.grad_fn = ms.value_and_grad(self._scaled_loss, None, self.params, has_aux=True)
         self.hyper_map = ops.HyperMap()
-        self._update = ms.jit(self._update_graph) if compiled else self._update_graph
-        self._accumulate = ms.jit(self._accumulate_graph) if compiled else self._accumulate_graph
+        self._update = jit(self._update_graph) if compiled else self._update_graph
+        self._accumulate = jit(self._accumulate_graph) if compiled else self._accumulate_graph
         model.set_train(True)
 
     # ---------------------------------------------------------------- graph bodies

@@ -1,9 +1,16 @@
 """The training loop behind train.py: data, features, compiled steps, checkpoints, logs.
 
-Randomness. Every random draw of micro-batch k (timesteps, diffusion noise, the VAE
-posterior sample, caption dropout) comes from ``default_rng([seed, k])`` drawn for the whole
-global batch, of which each rank takes its slice. A run is therefore the same whatever the
-number of ranks, and resuming needs only the step count.
+Randomness. Every random draw of sample j (its row in the global batch) of micro-batch k
+(timestep, diffusion noise, the VAE posterior sample, caption dropout) comes from its own
+stream ``default_rng([seed, k, j])`` (:func:`draw_sample_noise`): a rank draws only its own
+rows, at a cost that does not grow with the number of ranks, and a sample gets the same draws
+whichever rank trains it. A run is therefore the same whatever the number of ranks, and
+resuming needs only the step count.
+
+Ranks. Every rank runs the same steps, so their collectives line up. Validation, which only
+rank 0 runs, ends in a barrier of every rank (:meth:`Trainer.validate_and_wait`), and a
+resumed run first checks that every rank resumes from the same checkpoint
+(:func:`resume_disagreement`).
 """
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Callable, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -21,6 +28,65 @@ from pixart.training.checkpoints import prepare_output
 from pixart.training.config import TrainConfig
 
 logger = logging.getLogger("pixart.train")
+
+# a rank's resumed step when it resumes nothing / cannot load the checkpoint it resolves
+_NO_CHECKPOINT, _UNLOADABLE = -1, -2
+
+
+def draw_sample_noise(draw_timesteps: Callable[[np.random.Generator, int], np.ndarray], seed: int, index: int,
+                      rows: range, shape: Tuple[int, ...], drop_prob: float):
+    """The random draws of rows ``rows`` of the global batch of micro-batch ``index``.
+
+    Each row draws from its own stream ``default_rng([seed, index, row])``: its timestep
+    (``draw_timesteps(rng, 1)``), diffusion noise, VAE posterior noise and drop flag, in that
+    order. So the draws of a row do not depend on which rank draws it nor on the world size,
+    and a rank's cost is its own rows' alone.
+
+    Returns:
+        (t int32 (n,), noise float32 (n, *shape), posterior_noise float32 (n, *shape),
+        drop bool (n,)) for the n rows.
+    """
+    n = len(rows)
+    t, drop = np.empty(n, np.int32), np.empty(n, bool)
+    noise, posterior_noise = np.empty((2, n) + tuple(shape), np.float32)
+    for i, row in enumerate(rows):
+        rng = np.random.default_rng([seed, index, row])
+        t[i] = draw_timesteps(rng, 1)[0]
+        rng.standard_normal(shape, dtype=np.float32, out=noise[i])
+        rng.standard_normal(shape, dtype=np.float32, out=posterior_noise[i])
+        drop[i] = rng.random() < drop_prob
+    return t, noise, posterior_noise, drop
+
+
+def all_reduce_sum(values: np.ndarray) -> np.ndarray:
+    """The sum of float32 ``values`` over every rank; a collective, so every rank must call it.
+    (Sum is the one reduction MindSpore's CPU all-reduce has, and float32 its one type.)"""
+    import mindspore as ms
+    from mindspore import ops
+
+    return ops.AllReduce()(ms.Tensor(np.asarray(values, np.float32))).asnumpy()
+
+
+def resume_disagreement(step: int, rank: int, world: int,
+                        all_reduce: Callable[[np.ndarray], np.ndarray]) -> Optional[str]:
+    """None when every rank resumes from the same step, else what differs, for a TrainingError.
+
+    ``step``: the step of the checkpoint this rank resolved, -1 when it found none, -2 when it
+    could not load one. A collective (every rank must call it): the ranks' steps are gathered as
+    ``all_reduce`` (:func:`all_reduce_sum`) of one-hot rows, exact in float32 up to step 2**24.
+    """
+    row = np.zeros(world, np.float32)
+    row[rank] = step
+    others = sorted(set(all_reduce(row).astype(np.int64).tolist()) - {step})
+    if not others:
+        return None
+
+    def sees(s: int) -> str:
+        return {_NO_CHECKPOINT: "no checkpoint", _UNLOADABLE: "a checkpoint it cannot load"}.get(
+            s, f"checkpoint step {s}")
+
+    return (f"rank {rank} sees {sees(step)} but another rank sees {sees(others[0])}: --resume needs the output "
+            f"folder (or the checkpoint) on every node, e.g. on a shared file system or copied to the same path")
 
 
 class Trainer:
@@ -35,6 +101,7 @@ class Trainer:
         self.cfg, self.config, self.rank, self.world = cfg, config, rank, world
         self.is_main = rank == 0
         logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
+        self.dtype, self.kernels = self._precision()
         # before anything is loaded: a folder holding another run is refused (or, asked to, cleared) first
         prepare_output(cfg.output_path, cfg.resume, cfg.overwrite, delete=self.is_main)
         self._setup_features()
@@ -48,6 +115,17 @@ class Trainer:
                                 f"{cfg.grad_accumulation} gives no optimizer step")
 
     # ------------------------------------------------------------------ set-up stages
+    def _precision(self):
+        """(compute dtype, kernels) of --dtype and --attention on this process's device."""
+        import mindspore as ms
+
+        from pixart.models.pixart import Kernels
+        from pixart.runtime import compute_dtype
+
+        device = ms.get_context("device_target")
+        dtype = compute_dtype(self.cfg.dtype, device)
+        return dtype, Kernels.for_device(device, dtype, self.cfg.attention)
+
     def _setup_features(self):
         """The frozen VAE + T5 (unless every feature comes from the cache; no T5 for a class-
         conditional model), the null caption and the latent scaling."""
@@ -58,10 +136,10 @@ class Trainer:
         self.class_conditional = is_class_conditional(self.config)
         self.encoder = None
         if self.class_conditional and not cfg.feature_cache:
-            self.encoder = FeatureEncoder.from_folders(cfg.vae_root)
+            self.encoder = FeatureEncoder.from_folders(cfg.vae_root, dtype=cfg.dtype)
         elif not cfg.feature_cache or cfg.validation_every:
             self.encoder = FeatureEncoder.from_folders(cfg.vae_root, cfg.tokenizer_root, cfg.text_encoder_root,
-                                                       self.config.model_max_length)
+                                                       self.config.model_max_length, dtype=cfg.dtype)
         if cfg.feature_cache:
             info = np.load(os.path.join(cfg.feature_cache, NULL_CAPTION_FILE))
             self.null_caption, self.scaling_factor = info["emb"], float(info["scaling_factor"])
@@ -80,7 +158,7 @@ class Trainer:
         self.dataset = TrainDataset(cfg.json_path, cfg.image_dir, cfg.image_size, multi_scale=cfg.multi_scale,
                                     real_prompt_ratio=cfg.real_prompt_ratio, seed=cfg.seed,
                                     divisor=vae_factor * self.config.patch_size, cache_dir=cfg.feature_cache,
-                                    control=cfg.control_source,
+                                    verify_images=cfg.verify_images, control=cfg.control_source,
                                     classes=(cfg.class_field, self.config.num_classes) if self.class_conditional
                                     else None)
         self.batcher = BucketBatcher(self.dataset.bucket_keys, cfg.batch_size, self.world, self.rank, cfg.seed)
@@ -95,13 +173,11 @@ class Trainer:
         from pixart.models.controlnet import ControlPixArt
         from pixart.models.family import build_transformer
         from pixart.models.lora import attach_lora, lora_parameters
-        from pixart.runtime import compute_dtype
         from pixart.training.optim import auto_scale_lr, make_optimizer
         from pixart.training.train_step import TrainStep
 
         cfg = self.cfg
-        self.base_model = self.model = build_transformer(self.config, compute_dtype(cfg.dtype,
-                                                                                   ms.get_context("device_target")))
+        self.base_model = self.model = build_transformer(self.config, self.dtype, self.kernels)
         if cfg.recompute:
             self.model.enable_recompute()
         if cfg.controlnet_blocks:
@@ -138,7 +214,7 @@ class Trainer:
         objective, ema_into = self._objective(params)
         self.step = TrainStep(self.model, optimizer, objective, ema_decay=cfg.ema_decay, ema_into=ema_into,
                               grad_clip=cfg.grad_clip, grad_accumulation=cfg.grad_accumulation,
-                              loss_scale=cfg.loss_scale if cfg.dtype == "fp16" else None, world=self.world,
+                              loss_scale=cfg.loss_scale if self.dtype == ms.float16 else None, world=self.world,
                               compiled=cfg.mode == "graph")
 
     def _objective(self, params):
@@ -160,12 +236,9 @@ class Trainer:
     def _frozen_copy(self, role: str):
         """Another model of the same architecture, its parameters frozen and named ``<role>.*``
         (names must be unique in a compiled graph); weights are loaded in ``_restore``."""
-        import mindspore as ms
-
         from pixart.models.pixart import build_model
-        from pixart.runtime import compute_dtype
 
-        model = build_model(self.config, dtype=compute_dtype(self.cfg.dtype, ms.get_context("device_target")))
+        model = build_model(self.config, dtype=self.dtype, kernels=self.kernels)
         for p in model.get_parameters():
             p.name = f"{role}.{p.name}"
             p.requires_grad = False
@@ -179,10 +252,10 @@ class Trainer:
         from pixart.models.family import read_weights
         from pixart.models.lora import load_into, parameter_values
         from pixart.models.pixart_checkpoint import load_weights
-        from pixart.training.checkpoints import configuration_changes, load_resumable
+        from pixart.training.checkpoints import configuration_changes
 
         cfg = self.cfg
-        ckpt = load_resumable(cfg.resume, cfg.output_path) if cfg.resume else None
+        ckpt = self._resume_checkpoint() if cfg.resume else None
         adapter_names = [p.name for p in self.step.params] if self.lora_cells else []
         base = read_weights(cfg.checkpoint)[0] if cfg.checkpoint else None
         # LoRA and ControlNet checkpoints hold what they train alone, over the frozen --checkpoint
@@ -231,6 +304,24 @@ class Trainer:
         self.step.reset_ema()
         return 0
 
+    def _resume_checkpoint(self) -> Optional[dict]:
+        """``load_resumable`` of --resume, once every rank has found it resolves the same step: a
+        node that cannot see the checkpoint fails the run instead of training from another state."""
+        from pixart.training.checkpoints import load_resumable
+
+        try:
+            ckpt = load_resumable(self.cfg.resume, self.cfg.output_path)
+        except TrainingError:
+            if self.world > 1:  # still take part in the check, or the other ranks would wait for this one
+                resume_disagreement(_UNLOADABLE, self.rank, self.world, all_reduce_sum)
+            raise
+        if self.world > 1:
+            problem = resume_disagreement(int(ckpt["state"]["step"]) if ckpt else _NO_CHECKPOINT, self.rank,
+                                          self.world, all_reduce_sum)
+            if problem:
+                raise TrainingError(problem)
+        return ckpt
+
     def _init_control_branch(self):
         """A new ControlNet: copies of the base blocks (or --controlnet's weights), zero projections."""
         from pixart.models.controlnet import read_controlnet
@@ -269,16 +360,11 @@ class Trainer:
         conditioning (caption embeddings and mask, micro-conditions, caption-drop flags; or class
         ids and label-drop flags), this rank's slice."""
         b = self.cfg.batch_size
-        rows = slice(self.rank * b, (self.rank + 1) * b)
         cached = self.cfg.feature_cache
         mean, std = (batch["latent_mean"], batch["latent_std"]) if cached else self.encoder.encode_images(batch["image"])
-        g = self.global_batch
-        shape = (g,) + mean.shape[1:]
-        rng = np.random.default_rng([self.cfg.seed, index])
-        t = self.step.objective.draw_timesteps(rng, g)[rows].astype(np.int32)
-        noise = rng.standard_normal(shape, dtype=np.float32)[rows]
-        posterior_noise = rng.standard_normal(shape, dtype=np.float32)[rows]
-        drop = (rng.random(g) < self.cfg.class_dropout_prob)[rows]
+        t, noise, posterior_noise, drop = draw_sample_noise(
+            self.step.objective.draw_timesteps, self.cfg.seed, index, range(self.rank * b, (self.rank + 1) * b),
+            mean.shape[1:], self.cfg.class_dropout_prob)
         x0 = ((mean + std * posterior_noise - self.shift_factor) * self.scaling_factor).astype(np.float32)
         if self.class_conditional:
             return dict(x0=x0, t=t, noise=noise, labels=batch["class_id"].astype(np.int32), drop_label=drop)
@@ -340,8 +426,8 @@ class Trainer:
                 window_start, window_images = time.perf_counter(), 0
             if self.is_main and (step % cfg.ckpt_every == 0 or step == self.total_steps):
                 tqdm.write(f"saved {self.save(step, lr, out['loss_scale'])}")
-            if cfg.validation_every and step % cfg.validation_every == 0 and self.is_main:
-                self.validate(step)
+            if cfg.validation_every and step % cfg.validation_every == 0:
+                self.validate_and_wait(step)
         bar.close()
         if metrics_log:
             metrics_log.close()
@@ -391,6 +477,16 @@ class Trainer:
         return {name: p.asnumpy() for name, p in self.model.parameters_and_names()}
 
     # ------------------------------------------------------------------ validation
+    def validate_and_wait(self, step: int):
+        """Rank 0 samples the validation images; then, with more than one rank, every rank meets
+        in a barrier. The other ranks wait there, outside the compiled step, rather than in its
+        gradient all-reduce; a validation longer than the collective timeout (HCCL_EXEC_TIMEOUT
+        on Ascend) still needs that timeout raised."""
+        if self.is_main:
+            self.validate(step)
+        if self.world > 1:
+            all_reduce_sum(np.zeros(1, np.float32))
+
     def validate(self, step: int):
         """Sample the validation prompts at the most common training bucket sizes (current weights)."""
         from pixart.pipelines.text_to_image import PixArtPipeline, TextEmbeddings

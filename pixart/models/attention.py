@@ -1,0 +1,107 @@
+"""Scaled dot-product attention, two ways: ``math`` (any device, any dtype) and ``flash``.
+
+``math`` computes scores and softmax with matmuls, queries in chunks so the score block never
+exceeds a budget: at 2K (16,384 image tokens) the whole (B, heads, N, N) fp32 score tensor of
+a batch of two would be 34 GB, a chunk of it is 1 GiB.
+
+``flash`` calls MindSpore's fused ``flash_attention_score`` (Atlas A2 / A3 NPUs only, fp16 or
+bf16 inputs), whose head size must be a multiple of 16: PixArt-XL's 72 is zero-padded to 80.
+Zero columns leave every q.k product unchanged and give zero output columns, which are cut off
+again; the softmax scale stays that of the true head size.
+
+Shapes: q (B, heads, Nq, d); k, v (B, heads, Nk, d); returns (B, heads, Nq, d).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import mindspore as ms
+from mindspore import ops
+
+from pixart.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_KERNELS = ("auto", "math", "flash")
+SCORES_BUDGET = 1 << 28  # elements of one chunk of attention scores (1 GiB in fp32)
+FLASH_HEAD_DIM_MULTIPLE = 16  # flash_attention_score takes head sizes 16, 32, ..., 512
+# The NPUs MindSpore's flash_attention_score runs on (Atlas A2 and A3 training series).
+FLASH_SOCS = ("ascend910b", "ascend910_93")
+
+
+def math_attention(q, k, v, bias=None, budget: Optional[int] = None):
+    """Softmax(q k^T / sqrt(d) + bias) v with the softmax in fp32, ``budget`` (default
+    ``SCORES_BUDGET``) score elements at a time.
+
+    bias: None or additive, broadcastable to (B, heads, Nq, Nk): 0 for kept keys, a large
+    negative number for dropped ones."""
+    b, heads, nq, d = q.shape
+    nk = k.shape[2]
+    q = q * (d ** -0.5)
+    k_t = k.swapaxes(-1, -2)
+    chunk = max(1, min(nq, (budget or SCORES_BUDGET) // (b * heads * nk)))
+    outs = []
+    for start in range(0, nq, chunk):
+        scores = ops.matmul(q[:, :, start:start + chunk], k_t).astype(ms.float32)
+        if bias is not None:
+            scores = scores + bias
+        outs.append(ops.matmul(ops.softmax(scores, axis=-1).astype(v.dtype), v))
+    return outs[0] if len(outs) == 1 else ops.concat(outs, axis=2)
+
+
+def flash_attention(q, k, v, bias=None):
+    """``math_attention`` through ``flash_attention_score`` (BNSD layout; its mask is 1 where a key is dropped)."""
+    b, heads, nq, d = q.shape
+    padded = -(-d // FLASH_HEAD_DIM_MULTIPLE) * FLASH_HEAD_DIM_MULTIPLE
+    if padded != d:
+        pad = (0, padded - d)
+        q, k, v = ops.pad(q, pad), ops.pad(k, pad), ops.pad(v, pad)
+    drop = None if bias is None else ops.broadcast_to(bias < 0, (b, 1, nq, k.shape[2])).astype(ms.uint8)
+    out = ops.flash_attention_score(q, k, v, heads, attn_mask=drop, scalar_value=d ** -0.5, input_layout="BNSD")
+    return out[..., :d] if padded != d else out
+
+
+def attention(q, k, v, bias=None, kernel: str = "math"):
+    """Multi-head attention with ``kernel`` (``math`` or ``flash``); see the module docstring."""
+    return flash_attention(q, k, v, bias) if kernel == "flash" else math_attention(q, k, v, bias)
+
+
+def ascend_soc() -> str:
+    """The NPU's SoC name as MindSpore reports it (``ascend910b``, ...), empty off Ascend."""
+    try:
+        from mindspore._c_expression import MSContext  # no public API names the SoC in 2.10
+        return MSContext.get_instance().get_ascend_soc_version() or ""
+    except (ImportError, AttributeError, RuntimeError):
+        return ""
+
+
+def flash_unavailable_reason(device: str, dtype) -> str:
+    """Why ``flash_attention_score`` cannot run on ``device`` in ``dtype``; empty when it can."""
+    if device != "Ascend":
+        return f"flash attention runs on Ascend NPUs only, not on {device}"
+    if dtype not in (ms.float16, ms.bfloat16):
+        return "flash attention computes in fp16 or bf16, not fp32 (use --dtype fp16 or bf16)"
+    if not hasattr(ops, "flash_attention_score"):
+        return f"this MindSpore ({ms.__version__}) has no flash_attention_score"
+    soc = ascend_soc()
+    if soc not in FLASH_SOCS:
+        return f"flash_attention_score runs on Atlas A2/A3 ({', '.join(FLASH_SOCS)}), this NPU is {soc or 'unknown'}"
+    return ""
+
+
+def choose_attention(requested: str, device: str, dtype) -> str:
+    """The attention kernel for ``requested`` (auto, math or flash) on ``device`` in ``dtype``.
+
+    auto is flash where it can run and math elsewhere; flash where it cannot run is a ConfigError
+    saying why."""
+    if requested not in ATTENTION_KERNELS:
+        raise ConfigError(f"--attention must be one of {', '.join(ATTENTION_KERNELS)}, not {requested!r}")
+    if requested == "math":
+        return "math"
+    reason = flash_unavailable_reason(device, dtype)
+    if requested == "flash" and reason:
+        raise ConfigError(f"--attention flash cannot run here: {reason}")
+    if reason:
+        logger.info("attention: math (%s)", reason)
+    return "math" if reason else "flash"
