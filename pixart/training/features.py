@@ -12,6 +12,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from pixart.runtime import jit
+
 NULL_CAPTION_FILE = "null_caption.npz"
 
 
@@ -43,8 +45,8 @@ class FeatureEncoder:
         def hidden_states(ids, mask):
             return text_encoder(ids, mask)
 
-        self._moments = ms.jit(moments)
-        self._hidden_states = ms.jit(hidden_states)
+        self._moments = jit(moments)
+        self._hidden_states = jit(hidden_states)
 
     @classmethod
     def from_folders(cls, vae_root: str, tokenizer_root: Optional[str] = None, text_encoder_root: Optional[str] = None,
