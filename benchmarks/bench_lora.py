@@ -88,16 +88,14 @@ def main():
     ap.add_argument("--steps", type=int, default=6, help="steps per measurement")
     ap.add_argument("--depth", type=int, default=4, help="transformer blocks (28: the real XL/2)")
     args = ap.parse_args()
-    from benchmarks.machine import cpu_description
-
     runs = [("PyTorch: diffusers + peft LoRA + torch AdamW", f"torch_lora_step_times({args.steps}, {args.depth})"),
             ("ours, graph, LoRA", f"ours_step_times({args.steps}, {args.depth}, True)"),
             ("ours, graph, full finetune", f"ours_step_times({args.steps}, {args.depth}, False)")]
-    from benchmarks.bench_train import measure_runs, print_step_table
+    from benchmarks.bench_train import machine_line, measure_runs, print_step_table
 
     rows = measure_runs("benchmarks.bench_lora", runs)
     print(f"\nLoRA train step (rank {RANK}, official targets), XL/2 width, {args.depth} blocks, 256px, batch 2, "
-          f"fp32, {cpu_description()}; median of steps 3..{args.steps}")
+          f"fp32, {machine_line()}; median of steps 3..{args.steps}")
     print_step_table(rows, "ratio to PyTorch LoRA")
 
 

@@ -52,14 +52,18 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def torch_step_times(steps, depth):
-    """diffusers model, eps-MSE + learned-variance output, torch AdamW."""
+def torch_step_times(steps, depth, optimizer="adamw"):
+    """diffusers model, eps-MSE + learned-variance output, torch AdamW or came-pytorch's CAME."""
     import torch
     from diffusers import PixArtTransformer2DModel
 
     torch.set_num_threads(os.cpu_count())
     model = PixArtTransformer2DModel(**{**XL, "num_layers": depth}).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=3e-2, eps=1e-10)
+    if optimizer == "came":
+        from came_pytorch import CAME
+        opt = CAME(model.parameters(), lr=2e-5, weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=3e-2, eps=1e-10)
     b = {k: torch.from_numpy(v) for k, v in batch().items()}
     alphas = torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))).float()
     times = []
@@ -100,14 +104,28 @@ def ours_step_times(steps, depth, optimizer, mode):
 
 
 def part1(steps, depth, modes):
-    runs = [("PyTorch (diffusers + torch AdamW)", f"torch_step_times({steps}, {depth})")]
+    runs = [("PyTorch (diffusers + torch AdamW)", f"torch_step_times({steps}, {depth})"),
+            ("PyTorch (diffusers + came-pytorch CAME)", f"torch_step_times({steps}, {depth}, 'came')")]
     for mode in modes:
         runs += [(f"ours, {mode}, AdamW", f"ours_step_times({steps}, {depth}, 'adamw', {mode!r})"),
                  (f"ours, {mode}, CAME", f"ours_step_times({steps}, {depth}, 'came', {mode!r})")]
     rows = measure_runs("benchmarks.bench_train", runs)
-    print(f"\nTrain step, XL/2 width, {depth} blocks, 256px, batch 2, fp32, {os.cpu_count()} threads "
+    print(f"\nTrain step, XL/2 width, {depth} blocks, 256px, batch 2, fp32, {machine_line()} "
           f"(median of steps 3..{steps})")
-    print_step_table(rows, "ratio to PyTorch")
+    print_step_table(rows, "ratio to PyTorch AdamW")
+    came_pytorch = rows[1][2]
+    for name, _, med, _ in rows[2:]:
+        if "CAME" in name and med is not None and came_pytorch:
+            print(f"{name} / came-pytorch: {med / came_pytorch:.2f}")
+
+
+def machine_line() -> str:
+    """The CPU and both frameworks' GEMM peaks, measured in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", "import mindspore as ms; ms.set_device('CPU'); "
+                          "from benchmarks.machine import cpu_description, gemm_peaks; "
+                          "print(cpu_description() + '; ' + gemm_peaks())"],
+                         cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 else "machine: unknown"
 
 
 def measure_runs(module: str, runs):
