@@ -85,6 +85,23 @@ def test_decode_parity_non_square_batch(vae):
     assert_close(out, reference_decode(reference, z))
 
 
+def test_a_repeated_small_decode_is_compiled(vae, monkeypatch):
+    """The first decode of a shape runs eagerly, the next ones of a small shape compiled, with
+    the same result; shapes above COMPILED_DECODE_ELEMENTS never compile."""
+    ours, reference, _ = vae
+    compiled, calls = ours._compiled_decode, []
+    monkeypatch.setattr(ours, "_compiled_decode", lambda z: calls.append(tuple(z.shape)) or compiled(z))
+    z = latents((3, 4, 6, 10))
+    first, second = (ours.decode(Tensor(z)).asnumpy() for _ in range(2))
+    assert calls == [(3, 4, 6, 10)]
+    np.testing.assert_allclose(second, first, atol=1e-6)
+    assert_close(second, reference_decode(reference, z))
+    monkeypatch.setattr(akl, "COMPILED_DECODE_ELEMENTS", 3 * 64 * 12 * 20 - 1)  # just below this shape's size
+    for _ in range(2):
+        ours.decode(Tensor(latents((3, 4, 6, 10), seed=2)))
+    assert len(calls) == 1
+
+
 def test_graph_mode_matches(vae):
     ours, reference, _ = vae
     x, z = images((1, 3, 16, 24)), latents((1, 4, 8, 12))
