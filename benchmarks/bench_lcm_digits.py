@@ -5,7 +5,7 @@ Both through the same pipeline and VAE, the same 20 prompts as one batch, graph 
 teacher with DPM-Solver++ at 20 steps and guidance 4.5 (two transformer rows per image), the
 LCM-LoRA (merged into the weights at load) with ``--lcm_steps`` LCM steps and no guidance.
 Median of ``--repeats`` runs after two warm-up runs (the first compiles the transformer, the
-second the VAE decoder, which compiles once a shape repeats). Also reported: the denoising alone
+second the VAE decoder, which compiles once a shape repeats); teacher and LCM runs alternate. Also reported: the denoising alone
 (steps x the steady time per step), without the VAE decode (prompts are encoded beforehand).
 
     python -m benchmarks.bench_lcm_digits                                   # models/digits-lcm-lora, 4 steps
@@ -19,17 +19,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def images_per_second(pipeline, text, null, method, steps, guidance, repeats):
-    """(images/s end to end, seconds of denoising per batch: steps x the steady time per step)."""
-    seeds = list(range(len(text)))
-    times, denoising = [], []
-    for _ in range(repeats + 2):  # the first two runs compile
-        start = time.perf_counter()
-        result = pipeline(text, null.take([0] * len(text)), 32, 32, sampling_method=method, sampling_steps=steps,
-                          guidance_scale=guidance, seeds=seeds, use_resolution_binning=False, progress=False)
-        times.append(time.perf_counter() - start)
-        denoising.append(steps * result.seconds_per_step)
-    return len(text) / statistics.median(times[2:]), statistics.median(denoising[2:])
+def timed_run(pipeline, text, null, method, steps, guidance):
+    """(seconds for the batch end to end, seconds of denoising: steps x the steady time per step)."""
+    start = time.perf_counter()
+    result = pipeline(text, null.take([0] * len(text)), 32, 32, sampling_method=method, sampling_steps=steps,
+                      guidance_scale=guidance, seeds=list(range(len(text))), use_resolution_binning=False,
+                      progress=False)
+    return time.perf_counter() - start, steps * result.seconds_per_step
 
 
 def main():
@@ -56,10 +52,17 @@ def main():
     text, null = TextEmbeddings(emb[:-1], mask[:-1]), TextEmbeddings(emb[-1:], mask[-1:])
     vae = AutoencoderKL.from_pretrained(os.path.join(model_dir, "vae"))
     teacher, _ = load_pixart(os.path.join(model_dir, "transformer.ckpt"))
-    teacher = images_per_second(PixArtPipeline(teacher, vae), text, null, "dpm", 20, 4.5, args.repeats)
     student, _ = load_pixart(os.path.join(model_dir, "transformer.ckpt"))
     merge_loras(student, [args.lora_path])
-    lcm = images_per_second(PixArtPipeline(student, vae), text, null, "lcm", args.lcm_steps, 0.0, args.repeats)
+    samplers = {"teacher": (PixArtPipeline(teacher, vae), "dpm", 20, 4.5),
+                "lcm": (PixArtPipeline(student, vae), "lcm", args.lcm_steps, 0.0)}
+    # the two alternate, so that this machine's drifting speed affects both alike
+    runs = {name: [] for name in samplers}
+    for _ in range(args.repeats + 2):  # the first two runs of each compile
+        for name, (pipeline, method, steps, guidance) in samplers.items():
+            runs[name].append(timed_run(pipeline, text, null, method, steps, guidance))
+    teacher, lcm = ((len(prompts) / statistics.median(t for t, _ in runs[name][2:]),
+                     statistics.median(d for _, d in runs[name][2:])) for name in samplers)
     print(f"{cpu_description()}, batch of {len(prompts)} 32x32 images, graph mode, median of {args.repeats}")
     print("| sampler | images/s | speed-up | denoising s per batch | speed-up |\n|---|---|---|---|---|")
     for name, (rate, seconds) in (("teacher, DPM-Solver++ 20 steps, guidance 4.5", teacher),

@@ -94,7 +94,7 @@ def test_a_repeated_small_decode_is_compiled(vae, monkeypatch):
     z = latents((3, 4, 6, 10))
     first, second = (ours.decode(Tensor(z)).asnumpy() for _ in range(2))
     assert calls == [(3, 4, 6, 10)]
-    np.testing.assert_allclose(second, first, atol=1e-6)
+    np.testing.assert_allclose(second, first, atol=1e-5)  # the compiled GroupNorm sums its variance in one pass
     assert_close(second, reference_decode(reference, z))
     monkeypatch.setattr(akl, "COMPILED_DECODE_ELEMENTS", 3 * 64 * 12 * 20 - 1)  # just below this shape's size
     for _ in range(2):
@@ -139,7 +139,8 @@ def test_tiled_vs_untiled(vae):
     smooth = np.stack([np.sin(3 * xx + yy), np.cos(2 * yy), xx * yy])[None].astype(np.float32)
     z = ours.encode(Tensor(smooth)).mean
     untiled = ours.decode(z).asnumpy()
-    np.testing.assert_array_equal(ours.decode(z, tiled=True, tile_latent_size=48).asnumpy(), untiled)  # one tile
+    one_tile = ours.decode(z, tiled=True, tile_latent_size=48).asnumpy()  # this shape's second decode: compiled
+    np.testing.assert_allclose(one_tile, untiled, atol=1e-5)
     tiled = ours.decode(z, tiled=True, tile_latent_size=24).asnumpy()
     assert np.abs(tiled - untiled).mean() <= 0.5 * untiled.std()  # measured 0.34
 
@@ -151,10 +152,11 @@ def test_query_blocks_in_attention(vae, monkeypatch):
     assert_close(ours.decode(Tensor(z)).asnumpy(), reference_decode(reference, z))
 
 
-@pytest.mark.parametrize("im2col", [True, False])
+@pytest.mark.parametrize("im2col, bands", [(True, "few rows each"), (True, "one"), (False, "none")])
 @pytest.mark.parametrize("kernel, stride, padding", [(3, 1, 1), (3, 2, 0), (1, 1, 0)])
-def test_conv_matches_torch(monkeypatch, im2col, kernel, stride, padding):
-    monkeypatch.setattr(akl, "_IM2COL_BUDGET", 6 * 9 * 5 * 4)  # a few output rows per band
+def test_conv_matches_torch(monkeypatch, im2col, bands, kernel, stride, padding):
+    if bands == "few rows each":
+        monkeypatch.setattr(akl, "_IM2COL_BUDGET", 6 * 9 * 5 * 4)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 6, 11, 13)).astype(np.float32)
     w = rng.standard_normal((5, 6, kernel, kernel)).astype(np.float32)
@@ -165,6 +167,21 @@ def test_conv_matches_torch(monkeypatch, im2col, kernel, stride, padding):
     conv.im2col = im2col
     expected = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(b), stride, padding)
     assert_close(conv(Tensor(x)).asnumpy(), expected.numpy())
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 32, 8, 8), 8), ((3, 64, 6, 10), 32)])
+def test_group_norm_with_batch_norm_statistics_matches_torch(shape, groups):
+    """The batch-norm statistics of a compiled CPU decode equal torch's GroupNorm, as does the default."""
+    rng = np.random.default_rng(0)
+    x = (3 * rng.standard_normal(shape) + 1).astype(np.float32)
+    norm = akl.GroupNorm(groups, shape[1])
+    norm.weight.set_data(Tensor(rng.uniform(0.5, 1.5, shape[1]).astype(np.float32)))
+    norm.bias.set_data(Tensor(rng.standard_normal(shape[1]).astype(np.float32)))
+    expected = torch.nn.functional.group_norm(torch.tensor(x), groups, torch.tensor(norm.weight.asnumpy()),
+                                              torch.tensor(norm.bias.asnumpy()), 1e-6).numpy()
+    compiled = ms.jit(norm.construct)(Tensor(x), True).asnumpy()
+    np.testing.assert_allclose(compiled, expected, atol=1e-5)
+    np.testing.assert_allclose(norm(Tensor(x)).asnumpy(), expected, atol=1e-5)
 
 
 def test_variant_config(tmp_path):
