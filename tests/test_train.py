@@ -116,6 +116,21 @@ def max_diff(a, b):
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
+def without_key_biases(weights):
+    """The weights less the attention key biases. Softmax ignores a key bias (it adds the same
+    q.b to every score of a row), so its gradient is rounding noise, which Adam turns into steps
+    of the learning rate whichever way it rounds (measured up to 1.3e-5 at lr 1e-3 between one
+    process and two workers; everything else within 2.5e-6)."""
+    out = dict(weights)
+    for name, value in weights.items():
+        if name.endswith("attn.qkv.bias"):
+            n = len(value) // 3
+            out[name] = np.concatenate([value[:n], value[2 * n:]])
+        elif name.endswith("cross_attn.kv_linear.bias"):
+            out[name] = value[len(value) // 2:]
+    return out
+
+
 def read_log(output):
     import csv
     with open(os.path.join(output, "train_log.csv")) as f:
@@ -180,7 +195,7 @@ def test_two_workers_match_one_process(workspace, base_checkpoint, tmp_path, kin
                           capture_output=True, text=True, timeout=900)
     worker_logs = {f: open(os.path.join(logs, f)).read() for f in os.listdir(logs) if f.startswith("worker")}
     assert proc.returncode == 0, proc.stderr[-2000:] + "\n".join(v[-2000:] for v in worker_logs.values())
-    assert max_diff(final_weights(single, 4), final_weights(parallel, 4)) < 1e-5
+    assert max_diff(*(without_key_biases(final_weights(out, 4)) for out in (single, parallel))) < 1e-5
     if validation:
         assert sorted(os.listdir(parallel / "validation")) == ["step-00000002", "step-00000004"]
     checksums = {line.split("checksum")[1].strip() for text in worker_logs.values()

@@ -286,17 +286,45 @@ class LayerNorm(nn.Cell):
 
     def __init__(self, dim: int, eps: float = 1e-6, affine: bool = False):
         super().__init__()
-        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        self.affine = affine
         if affine:
+            self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
             self.weight = Parameter(Tensor(np.ones((dim,), np.float32)), name="weight")
             self.bias = Parameter(Tensor(np.zeros((dim,), np.float32)), name="bias")
         else:
-            self.weight = Tensor(np.ones((dim,), np.float32))
-            self.bias = Tensor(np.zeros((dim,), np.float32))
+            self.norm = Standardize(dim, eps)
 
     def construct(self, x):
+        if not self.affine:
+            return self.norm(x.astype(ms.float32)).astype(x.dtype)
         y, _, _ = self.norm(x.astype(ms.float32), self.weight, self.bias)
         return y.astype(x.dtype)
+
+
+class Standardize(nn.Cell):
+    """(x - mean) / sqrt(var + eps) over the last axis (fp32), with its own backward from row
+    sums and elementwise ops: MindSpore 2.10's CPU LayerNormGrad makes the forward plus backward
+    about 4x slower (7.5 against 1.8 ms at XL/2 256px, batch 2)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        self.ones = Tensor(np.ones((dim,), np.float32))
+        self.zeros = Tensor(np.zeros((dim,), np.float32))
+
+    def construct(self, x):
+        return self.layer_norm(x, self.ones, self.zeros)[0]
+
+    def bprop(self, x, out, dout):
+        d = x.shape[-1]
+        x, g = x.reshape(-1, d), dout.reshape(-1, d)
+        centred = x - x.sum(-1, keepdims=True) * (1.0 / d)
+        rstd = ops.rsqrt((centred * centred).sum(-1, keepdims=True) * (1.0 / d) + self.eps)
+        x_hat = centred * rstd
+        g_mean = g.sum(-1, keepdims=True) * (1.0 / d)
+        g_x_hat_mean = (g * x_hat).sum(-1, keepdims=True) * (1.0 / d)
+        return ((g - g_mean - x_hat * g_x_hat_mean) * rstd).reshape(dout.shape),
 
 
 def gelu_tanh_composed(x):

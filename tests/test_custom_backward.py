@@ -1,0 +1,58 @@
+"""The cells with their own backward (written for speed on CPU) give torch's gradients, eagerly
+and compiled: the attention softmax and the affine-free LayerNorm of the transformer blocks."""
+import numpy as np
+import pytest
+import torch
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from pixart.models.attention import LastAxisSoftmax
+from pixart.models.pixart import LayerNorm
+
+ms.set_context(mode=ms.PYNATIVE_MODE)
+ms.set_device("CPU")
+
+
+class WeightedSum(nn.Cell):
+    """sum(cell(x) * w): its gradient in x is cell's backward applied to w."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def construct(self, x, w):
+        return (self.cell(x) * w).sum()
+
+
+def gradient(cell, x, w, compiled):
+    grad = ms.grad(WeightedSum(cell), grad_position=0)
+
+    def run(a, b):
+        return grad(a, b)
+
+    return (ms.jit(run) if compiled else run)(Tensor(x), Tensor(w)).asnumpy()
+
+
+def torch_gradient(fn, x, w):
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    (fn(xt) * torch.tensor(w, dtype=torch.float64)).sum().backward()
+    return xt.grad.numpy()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (4, 9)])
+def test_softmax_backward_matches_torch(compiled, shape):
+    rng = np.random.default_rng(0)
+    x, w = (3 * rng.standard_normal(shape)).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    expected = torch_gradient(lambda t: torch.softmax(t, -1), x, w)
+    np.testing.assert_allclose(gradient(LastAxisSoftmax(), x, w, compiled), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("shape, eps", [((2, 6, 48), 1e-6), ((5, 33), 1e-2)])
+def test_layer_norm_backward_matches_torch(compiled, shape, eps):
+    rng = np.random.default_rng(1)
+    x = (2 * rng.standard_normal(shape) + 1).astype(np.float32)
+    w = rng.standard_normal(shape).astype(np.float32)
+    expected = torch_gradient(lambda t: torch.nn.functional.layer_norm(t, shape[-1:], eps=eps), x, w)
+    np.testing.assert_allclose(gradient(LayerNorm(shape[-1], eps=eps), x, w, compiled), expected, atol=1e-5)
