@@ -155,6 +155,18 @@ def test_images_and_cache_train_the_same(workspace, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
+def test_dynamic_shapes_train_as_one_graph_per_bucket(workspace, base_checkpoint, tmp_path, kind):
+    static, dynamic = tmp_path / "static", tmp_path / "dynamic"
+    common = ["--feature_cache", workspace["cache"], "--max_steps", "4", *kind_args(kind, base_checkpoint)]
+    train(workspace, static, *common)
+    # 4 steps of 4 images: every one of the 3 buckets; validation samples through the same model
+    train(workspace, dynamic, *common, "--dynamic_shapes", "true", "--validation_every", "4",
+          "--validation_prompts", "a square", "--validation_steps", "2")
+    assert max_diff(final_weights(static, 4), final_weights(dynamic, 4)) < 1e-6
+    assert os.listdir(dynamic / "validation" / "step-00000004")
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
 def test_kill_and_resume_matches_uninterrupted(workspace, base_checkpoint, tmp_path, kind):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     common = ["--feature_cache", workspace["cache"], "--max_steps", "8", "--ckpt_every", "2", "--keep_last", "2",

@@ -32,14 +32,18 @@ FLASH_SOCS = ("ascend910b", "ascend910_93")
 
 def math_attention(q, k, v, bias=None, budget: Optional[int] = None):
     """Softmax(q k^T / sqrt(d) + bias) v with the softmax in fp32, ``budget`` (default
-    ``SCORES_BUDGET``) score elements at a time.
+    ``SCORES_BUDGET``) score elements at a time; ``budget`` 0: all at once, without reading the
+    token counts (graphs whose token count is symbolic, see ``pixart.models.pixart.use_symbolic_grid``).
 
     bias: None or additive, broadcastable to (B, heads, Nq, Nk): 0 for kept keys, a large
     negative number for dropped ones."""
-    b, heads, nq, d = q.shape
-    nk = k.shape[2]
+    d = q.shape[-1]
     q = q * (d ** -0.5)
     k_t = k.swapaxes(-1, -2)
+    if budget == 0:
+        return _attend(q, k_t, v, bias)
+    b, heads, nq, _ = q.shape
+    nk = k.shape[2]
     chunk = max(1, min(nq, (budget or SCORES_BUDGET) // (b * heads * nk)))
     if chunk == nq:  # one chunk: no slice (a strided copy of q, ~16 ms per call at XL/2 256px on CPU)
         return _attend(q, k_t, v, bias)
@@ -84,8 +88,11 @@ def flash_attention(q, k, v, bias=None):
 
 
 def attention(q, k, v, bias=None, kernel: str = "math"):
-    """Multi-head attention with ``kernel`` (``math`` or ``flash``); see the module docstring."""
-    return flash_attention(q, k, v, bias) if kernel == "flash" else math_attention(q, k, v, bias)
+    """Multi-head attention with ``kernel`` (``math``, ``flash``, or ``math_unchunked``: math in
+    one chunk); see the module docstring."""
+    if kernel == "flash":
+        return flash_attention(q, k, v, bias)
+    return math_attention(q, k, v, bias, budget=0 if kernel == "math_unchunked" else None)
 
 
 def ascend_soc() -> str:

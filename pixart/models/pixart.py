@@ -21,6 +21,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from pixart.errors import ConfigError
 from pixart.models.attention import attention
 from pixart.runtime import jit
 
@@ -195,6 +196,27 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int, pe_interpolation: float, base_
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
+
+
+def traced_pos_embed_2d(dim: int, h, w, pe_interpolation: float, base_size: int):
+    """``sincos_pos_embed_2d`` as graph operations, for a token grid h x w known only when the
+    graph runs; the same float32 values bit for bit (the grid in float32, its products with the
+    frequencies and their sin/cos in float64)."""
+    omega = Tensor(1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0)))
+
+    def coordinates(n):
+        count = ops.scalar_to_tensor(n, ms.float64)
+        step = ops.cast(count / base_size, ms.float32)
+        positions = ops.range(Tensor(0, ms.float32), ops.cast(count, ms.float32), Tensor(1, ms.float32))
+        return positions / step / Tensor(pe_interpolation, ms.float32)
+
+    def one_axis(pos):
+        out = ops.cast(pos, ms.float64).reshape(-1, 1) * omega.reshape(1, -1)
+        return ops.concat([ops.sin(out), ops.cos(out)], 1)
+
+    cols = ops.broadcast_to(coordinates(w).reshape(1, -1), (h, w)).reshape(-1)
+    rows = ops.broadcast_to(coordinates(h).reshape(-1, 1), (h, w)).reshape(-1)
+    return ops.cast(ops.concat([one_axis(cols), one_axis(rows)], 1), ms.float32)
 
 
 def timestep_frequencies(dim: int = 256, max_period: float = 10000.0, freq_shift: int = 0) -> np.ndarray:
@@ -390,7 +412,7 @@ class SelfAttention(nn.Cell):
 
     def construct(self, x, h: int, w: int):
         """x: (B, N, D) with N = h*w -> (B, N, D)."""
-        b, n, d = x.shape
+        b, _, d = x.shape
         heads = self.num_heads
         q, k, v = ops.split(self.qkv(x), d, axis=-1)
         if self.qk_norm:
@@ -402,11 +424,13 @@ class SelfAttention(nn.Cell):
                                  f"got {h}x{w}")
             k = self._compress(k, h, w)
             v = self._compress(v, h, w)
-        q = q.reshape(b, n, heads, -1).swapaxes(1, 2)
-        k = k.reshape(b, k.shape[1], heads, -1).swapaxes(1, 2)
-        v = v.reshape(b, v.shape[1], heads, -1).swapaxes(1, 2)
+        # the token count as -1, not n: with a symbolic n (use_symbolic_grid) and batch == heads,
+        # MindSpore 2.10's shape inference mixes the dimensions up and a reshape fails at run time
+        q = q.reshape(b, -1, heads, d // heads).swapaxes(1, 2)
+        k = k.reshape(b, -1, heads, d // heads).swapaxes(1, 2)
+        v = v.reshape(b, -1, heads, d // heads).swapaxes(1, 2)
         out = attention(q, k, v, kernel=self.attention_kernel)
-        return self.proj(out.swapaxes(1, 2).reshape(b, n, d))
+        return self.proj(out.swapaxes(1, 2).reshape(b, -1, d))
 
 
 class CrossAttention(nn.Cell):
@@ -421,14 +445,14 @@ class CrossAttention(nn.Cell):
         self.attention_kernel = kernels.attention
 
     def construct(self, x, y, bias):
-        b, n, d = x.shape
+        b, _, d = x.shape
         heads = self.num_heads
-        q = self.q_linear(x).reshape(b, n, heads, -1).swapaxes(1, 2)
+        q = self.q_linear(x).reshape(b, -1, heads, d // heads).swapaxes(1, 2)  # -1: see SelfAttention
         k, v = ops.split(self.kv_linear(y), d, axis=-1)
         k = k.reshape(b, -1, heads, d // heads).swapaxes(1, 2)
         v = v.reshape(b, -1, heads, d // heads).swapaxes(1, 2)
         out = attention(q, k, v, bias, kernel=self.attention_kernel)
-        return self.proj(out.swapaxes(1, 2).reshape(b, n, d))
+        return self.proj(out.swapaxes(1, 2).reshape(b, -1, d))
 
 
 def modulate(x, shift, scale):
@@ -584,6 +608,7 @@ class PixArt(nn.Cell):
         self.config = cfg = config
         self.dtype = dtype
         self.kernels = kernels = kernels or Kernels()
+        self.symbolic_grid = False  # see use_symbolic_grid
         d = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d, dtype)
         self.t_embedder = TimestepEmbedder(d, compute_dtype=dtype)
@@ -604,6 +629,8 @@ class PixArt(nn.Cell):
 
     def pos_embed(self, h: int, w: int):
         cfg = self.config
+        if self.symbolic_grid:
+            return traced_pos_embed_2d(cfg.hidden_size, h, w, float(cfg.pe_interpolation), int(cfg.base_size))
         return Tensor(sincos_pos_embed_2d(cfg.hidden_size, h, w, float(cfg.pe_interpolation), int(cfg.base_size)))
 
     def construct(self, x, timestep, cond: Conditioning):
@@ -615,7 +642,8 @@ class PixArt(nn.Cell):
     def token_grid(self, x):
         """(h, w) token grid of latents x (B, C, H, W), after checking H, W suit this model."""
         _, _, hh, ww = x.shape
-        self.check_input_size(hh, ww)
+        if not self.symbolic_grid:  # a symbolic size cannot be checked while tracing
+            self.check_input_size(hh, ww)
         p = self.config.patch_size
         return hh // p, ww // p
 
@@ -745,6 +773,29 @@ class PixArtMS(PixArt):
         p = self.config.patch_size
         if height % p or width % p:
             raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {p}")
+
+
+def use_symbolic_grid(cell: nn.Cell) -> int:
+    """Let a graph compiled over ``cell`` (a PixArt-MS, or an objective or ControlNet holding
+    some) take latents of any height and width, so that one graph (``set_inputs`` with None
+    dimensions) serves every bucket shape. In each PixArt inside: the position embedding is
+    computed in the graph (``traced_pos_embed_2d``, the same values), math attention runs in one
+    chunk (its chunking reads the token count), and the latent size is not checked while
+    tracing (the bucket tables only hold sizes divisible by the patch). Returns how many
+    PixArt models it changed."""
+    models = [c for _, c in cell.cells_and_names() if isinstance(c, PixArt)]
+    for model in models:
+        if type(model) is PixArt:
+            raise ConfigError(f"dynamic shapes need a multi-scale model: this one runs at "
+                              f"{model.config.input_size}x{model.config.input_size} latents only")
+        if any(ratio > 1 for ratio in model.block_kv_ratios()):
+            raise ConfigError("dynamic shapes do not support KV compression (kv_compress_layers): "
+                              "its token-grid check needs static shapes")
+        model.symbolic_grid = True
+    for _, c in cell.cells_and_names():
+        if getattr(c, "attention_kernel", None) == "math":
+            c.attention_kernel = "math_unchunked"
+    return len(models)
 
 
 class BlockStreamedForward:

@@ -137,6 +137,9 @@ class TrainConfig:
     mode: str = option("graph", "graph: compiled train step; pynative: eager (debugging)", "runtime",
                        choices=("graph", "pynative"))
     progress: bool = option(True, "progress bar", "runtime")
+    dynamic_shapes: bool = option(False, "compile the train step once for every bucket shape (symbolic latent "
+                                         "height and width) instead of once per shape; multi-scale PixArt only",
+                                  "runtime")
     jit_level: str = option("O0", "MindSpore compiler level: O0 kernel by kernel, O1 with operator fusion, O2 "
                                   "whole-graph sinking (GE backend, Ascend only)", "runtime", choices=JIT_LEVELS)
     max_device_memory: Optional[str] = option(None, "the most device memory MindSpore may take, e.g. 58GB "

@@ -2,7 +2,8 @@
 
 ``update`` = the objective's loss (by default the IDDPM loss of the transformer's prediction)
 + backward + all-reduce of the gradients across ranks + clipping by global norm + optimizer +
-EMA, as one graph per input shape (one per bucket). With gradient accumulation, ``accumulate`` runs forward and
+EMA, as one graph per input shape (one per bucket), or with ``dynamic_shapes`` one graph for
+every latent height and width. With gradient accumulation, ``accumulate`` runs forward and
 backward of the other micro-batches and adds their gradients to buffers that ``update``
 consumes. fp16 scales the loss dynamically and skips steps whose gradients overflow.
 """
@@ -15,6 +16,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from pixart.diffusion.objectives import DiffusionObjective
+from pixart.errors import ConfigError
+from pixart.models.pixart import use_symbolic_grid
 from pixart.runtime import jit
 from pixart.training.optim import EMA, clip_grad_norm
 
@@ -36,6 +39,31 @@ def _mean_and_clear_one(count, buffer, grad):
     return ops.depend(total, ops.assign(buffer, ops.zeros_like(buffer)))
 
 
+class _Graph(nn.Cell):
+    """``body(*inputs)`` as a cell, the form whose inputs ``set_inputs`` can declare symbolic."""
+
+    def __init__(self, body):
+        super().__init__(auto_prefix=False)
+        self.body = body
+
+    def construct(self, *inputs):
+        return self.body(*inputs)
+
+
+def _compiled_for_any_latent_size(body):
+    """``body`` compiled once, at its first call, for inputs shaped as that call's except the
+    last two dimensions of 4-D inputs (latent height and width), which stay symbolic."""
+    graph, compiled = _Graph(body), []
+
+    def call(*inputs):
+        if not compiled:
+            graph.set_inputs(*(Tensor(shape=[*x.shape[:2], None, None] if x.ndim == 4 else x.shape, dtype=x.dtype)
+                               for x in inputs))
+            compiled.append(jit(graph))
+        return compiled[0](*inputs)
+    return call
+
+
 class TrainStep:
     """One optimizer step over the parameters ``optimizer`` trains; every other parameter of
     ``model`` stays frozen (a LoRA or control branch trains a subset of a frozen base).
@@ -53,11 +81,14 @@ class TrainStep:
         loss_scale: initial dynamic loss scale for fp16 (None: no loss scaling).
         world: data-parallel ranks whose gradients are averaged.
         compiled: compile each step with ``ms.jit`` (False: eager, for debugging).
+        dynamic_shapes: compile ``update`` and ``accumulate`` once each for every latent height
+            and width (``pixart.models.pixart.use_symbolic_grid``) instead of once per bucket
+            shape; the batch size and the other inputs' shapes stay those of the first call.
     """
 
     def __init__(self, model, optimizer, objective=None, ema_decay: float = 0.0, ema_into=None,
                  grad_clip: float = 0.0, grad_accumulation: int = 1, loss_scale: Optional[float] = None,
-                 world: int = 1, compiled: bool = True):
+                 world: int = 1, compiled: bool = True, dynamic_shapes: bool = False):
         self.model = model
         self.input_order = BATCH_FIELDS + model.conditioning._fields
         self.objective = objective or DiffusionObjective(model)
@@ -77,8 +108,11 @@ class TrainStep:
             self.loss_scaler = ms.amp.DynamicLossScaler(scale_value=loss_scale, scale_factor=2, scale_window=2000)
         self.grad_fn = ms.value_and_grad(self._scaled_loss, None, self.params, has_aux=True)
         self.hyper_map = ops.HyperMap()
-        self._update = jit(self._update_graph) if compiled else self._update_graph
-        self._accumulate = jit(self._accumulate_graph) if compiled else self._accumulate_graph
+        if dynamic_shapes and not use_symbolic_grid(self.objective):
+            raise ConfigError("dynamic shapes need a PixArt-MS model (a DiT runs at one size)")
+        compile_graph = _compiled_for_any_latent_size if dynamic_shapes else jit
+        self._update = compile_graph(self._update_graph) if compiled else self._update_graph
+        self._accumulate = compile_graph(self._accumulate_graph) if compiled else self._accumulate_graph
         model.set_train(True)
 
     # ---------------------------------------------------------------- graph bodies

@@ -215,7 +215,7 @@ class Trainer:
         self.step = TrainStep(self.model, optimizer, objective, ema_decay=cfg.ema_decay, ema_into=ema_into,
                               grad_clip=cfg.grad_clip, grad_accumulation=cfg.grad_accumulation,
                               loss_scale=cfg.loss_scale if self.dtype == ms.float16 else None, world=self.world,
-                              compiled=cfg.mode == "graph")
+                              compiled=cfg.mode == "graph", dynamic_shapes=cfg.dynamic_shapes)
 
     def _objective(self, params):
         """(the objective, the Parameters the EMA is kept in or None). LCM distillation adds a
