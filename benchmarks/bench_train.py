@@ -3,12 +3,13 @@
 
 Part 1 — one optimizer step (forward + loss + backward + optimizer) of XL/2 at 256px, batch 2,
 fp32: diffusers' PixArtTransformer2DModel + torch.optim.AdamW against our step with AdamW (and
-CAME, what PixArt-Σ uses), compiled (graph) and eager (pynative). Each runs in its own process
-(both at once would not fit in memory), same machine, one run; medians after warm-up; peak
-resident memory of each. A run that dies (out of memory) is reported as such. On CPU, MindSpore
-2.10's compiled train step keeps a buffer for every intermediate (about 1.7 GB per XL block
-at 256px), so the full 28 blocks do not fit in 24 GB: ``--depth 4`` times the same blocks
-at a depth that fits.
+CAME, what PixArt-Σ uses), compiled (graph), block by block (streamed, train.py --mode streamed)
+and eager (pynative). Each runs in its own process (both at once would not fit in memory), same
+machine, one run; medians after warm-up; peak resident memory of each. A run that dies (out of
+memory) is reported as such. On CPU, MindSpore 2.10's one-graph train step keeps a buffer for
+every intermediate (about 1.7 GB per XL block at 256px), so the full 28 blocks fit in 24 GB only
+streamed: ``--depth 4`` times the graph mode at a depth that fits,
+``--depth 28 --modes streamed`` the full model.
 
 Part 2 — images/s of train.py on a small synthetic dataset with the VAE and a T5 encoder
 run on the fly versus read from tools/cache_features.py's cache (mid-size random models: an
@@ -16,6 +17,7 @@ SDXL-sized VAE and a T5-base-sized encoder; with T5-XXL the gap is far larger).
 
     python -m benchmarks.bench_train             # both parts
     python -m benchmarks.bench_train --part 1 --steps 5
+    python -m benchmarks.bench_train --part 1 --depth 28 --steps 4 --modes streamed
 """
 import argparse
 import csv
@@ -86,14 +88,16 @@ def ours_step_times(steps, depth, optimizer, mode):
     import mindspore as ms
     from pixart.models.pixart import PixArtConfig, build_model
     from pixart.training.optim import make_optimizer
+    from pixart.training.streamed_step import StreamedTrainStep
     from pixart.training.train_step import TrainStep
 
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_device("CPU")
     model = build_model(PixArtConfig(input_size=32, pe_interpolation=0.5, multi_scale=False, depth=depth))
     hyper = dict(weight_decay=0.0) if optimizer == "came" else dict(weight_decay=3e-2, eps=1e-10)
-    step = TrainStep(model, make_optimizer(optimizer, model.trainable_params(), lr=2e-5, **hyper), grad_clip=0.01,
-                     compiled=mode == "graph")
+    step_class = StreamedTrainStep if mode == "streamed" else TrainStep
+    step = step_class(model, make_optimizer(optimizer, model.trainable_params(), lr=2e-5, **hyper), grad_clip=0.01,
+                      compiled=mode != "pynative")
     b = batch()
     times = []
     for _ in range(steps):
@@ -209,7 +213,7 @@ def main():
     ap.add_argument("--part", type=int, choices=[1, 2], help="run only one part")
     ap.add_argument("--steps", type=int, default=6, help="steps per measurement")
     ap.add_argument("--depth", type=int, default=28, help="part 1: transformer blocks (default 28, the real XL/2)")
-    ap.add_argument("--modes", nargs="+", choices=["graph", "pynative"], default=["graph", "pynative"],
+    ap.add_argument("--modes", nargs="+", choices=["graph", "streamed", "pynative"], default=["graph", "pynative"],
                     help="part 1: our execution modes to time")
     args = ap.parse_args()
     if args.part in (None, 1):

@@ -155,15 +155,25 @@ def test_images_and_cache_train_the_same(workspace, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
-def test_dynamic_shapes_train_as_one_graph_per_bucket(workspace, base_checkpoint, tmp_path, kind):
-    static, dynamic = tmp_path / "static", tmp_path / "dynamic"
+def test_dynamic_shapes_and_streamed_mode_train_as_one_graph_per_bucket(workspace, base_checkpoint, tmp_path, kind):
+    static, dynamic, streamed = tmp_path / "static", tmp_path / "dynamic", tmp_path / "streamed"
     common = ["--feature_cache", workspace["cache"], "--max_steps", "4", *kind_args(kind, base_checkpoint)]
     train(workspace, static, *common)
     # 4 steps of 4 images: every one of the 3 buckets; validation samples through the same model
-    train(workspace, dynamic, *common, "--dynamic_shapes", "true", "--validation_every", "4",
-          "--validation_prompts", "a square", "--validation_steps", "2")
+    validation = ["--validation_every", "4", "--validation_prompts", "a square", "--validation_steps", "2"]
+    train(workspace, dynamic, *common, "--dynamic_shapes", "true", *validation)
     assert max_diff(final_weights(static, 4), final_weights(dynamic, 4)) < 1e-6
     assert os.listdir(dynamic / "validation" / "step-00000004")
+    if kind == "full":  # --mode streamed trains every weight; its validation streams too
+        train(workspace, streamed, *common, "--mode", "streamed", *validation)
+        assert max_diff(without_key_biases(final_weights(static, 4)),
+                        without_key_biases(final_weights(streamed, 4))) < 1e-5
+        assert os.listdir(streamed / "validation" / "step-00000004")
+    else:
+        refused = train(workspace, streamed, *common, "--mode", "streamed", check=False)
+        assert refused.returncode != 0
+        assert "--mode streamed trains every weight" in refused.stderr.strip().splitlines()[-1]
+        assert not streamed.exists()
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])

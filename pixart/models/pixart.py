@@ -798,6 +798,14 @@ def use_symbolic_grid(cell: nn.Cell) -> int:
     return len(models)
 
 
+def block_template(model: PixArt, kv_ratio: int):
+    """(a block of ``model``'s configuration, its Parameters): the slots that a compiled graph
+    fills with any block's weights (``ops.assign``, in ``get_parameters`` order) before running
+    the template, so that one graph and one set of buffers serve every block."""
+    template = PixArtBlock(model.config, kv_ratio, model.dtype, model.kernels)
+    return template, list(template.get_parameters())
+
+
 class BlockStreamedForward:
     """Compiled forward of a PixArt model with the memory of one block: ``model(...)``'s result.
 
@@ -828,9 +836,7 @@ class BlockStreamedForward:
         self._compiled_block = {ratio: self._compile_block(ratio) for ratio in set(model.block_kv_ratios())}
 
     def _compile_block(self, kv_ratio: int):
-        model = self.model
-        template = PixArtBlock(model.config, kv_ratio, model.dtype, model.kernels)
-        slots = list(template.get_parameters())
+        template, slots = block_template(self.model, kv_ratio)
         for slot in slots:
             slot.requires_grad = False
 

@@ -134,8 +134,10 @@ class TrainConfig:
     validation_prompts: List[str] = option([], "prompts for validation images", "output", nargs="*")
     validation_steps: int = option(20, "DPM-Solver steps for validation images", "output")
     # runtime
-    mode: str = option("graph", "graph: compiled train step; pynative: eager (debugging)", "runtime",
-                       choices=("graph", "pynative"))
+    mode: str = option("graph", "graph: one compiled train step; streamed: the step block by block with the memory "
+                                "of one block (each block's forward recomputed in the backward; the full finetune of "
+                                "a PixArt model by one process, e.g. XL/2 in 24 GB on CPU); pynative: eager "
+                                "(debugging)", "runtime", choices=("graph", "streamed", "pynative"))
     progress: bool = option(True, "progress bar", "runtime")
     dynamic_shapes: bool = option(False, "compile the train step once for every bucket shape (symbolic latent "
                                          "height and width) instead of once per shape; multi-scale PixArt only",

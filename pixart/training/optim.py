@@ -148,8 +148,29 @@ class _Optimizer(nn.Cell):
         the model's weights, are ignored)."""
         _load_named(self.state_parameters(), param_dict, type(self).__name__)
 
-    def _count_step(self) -> Tensor:
+    def construct(self, grads, lr):
+        step = self.count_step()
+        return ops.depend(step, self.update_params(grads, lr, step))
+
+    def count_step(self) -> Tensor:
+        """Advance the step counter; returns the new count."""
         return ops.assign_add(self.step, ops.ones((), ms.int32))
+
+    def update_params(self, grads, lr, step):
+        """Update every parameter by its gradient at step count ``step`` (``construct``
+        after counting the step; ``StreamedTrainStep`` counts once for several optimizers)."""
+        raise NotImplementedError
+
+    def like(self, params: Iterable[Parameter]) -> "_Optimizer":
+        """The same optimizer, with the same settings, over other parameters."""
+        return type(self)(params, **self.settings)
+
+    def moments_of(self) -> Dict[str, List[Parameter]]:
+        """{parameter name: its moments (``<prefix>.<kind>.<param name>``), in one order for all}."""
+        moments = {p.name: [] for p in self.params}
+        for moment in self.state_parameters()[1:]:
+            moments[moment.name[len(self.prefix) + 1:].split(".", 1)[1]].append(moment)
+        return moments
 
 
 # ------------------------------------------------------------------------------------------ CAME
@@ -255,6 +276,7 @@ class CAME(_Optimizer):
                  clip_threshold: float = 1.0, betas: Tuple[float, float, float] = (0.9, 0.999, 0.9999),
                  weight_decay: float = 0.0):
         super().__init__(params, lr, weight_decay)
+        self.settings = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay)
         if len(betas) != 3 or not all(0.0 <= b <= 1.0 for b in betas):
             raise ValueError(f"CAME needs three betas in [0, 1], got {betas}")
         if len(eps) != 2:
@@ -280,8 +302,7 @@ class CAME(_Optimizer):
         self._add_moments("vector_exp_avg", "exp_avg", vectors)
         self._add_moments("exp_avg_sq", "exp_avg_sq", vectors)
 
-    def construct(self, grads, lr):
-        step = self._count_step()
+    def update_params(self, grads, lr, step):
         matrix_grads = tuple(grads[i] for i in self._matrix_idx)
         vector_grads = tuple(grads[i] for i in self._vector_idx)
         matrices_done = _hyper_map(ops.partial(_came_factored, self.hparams, lr),
@@ -290,7 +311,7 @@ class CAME(_Optimizer):
                                    self.exp_avg_res_row, self.exp_avg_res_col)
         vectors_done = _hyper_map(ops.partial(_came_vector, self.hparams, lr),
                                   self.vectors, vector_grads, self.vector_exp_avg, self.exp_avg_sq)
-        return ops.depend(step, (matrices_done, vectors_done))
+        return matrices_done, vectors_done
 
 
 # ----------------------------------------------------------------------------------------- AdamW
@@ -325,6 +346,7 @@ class AdamW(_Optimizer):
     def __init__(self, params: Iterable[Parameter], lr: float, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2):
         super().__init__(params, lr, weight_decay)
+        self.settings = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"AdamW needs two betas in [0, 1), got {betas}")
         self.betas = tuple(float(b) for b in betas)
@@ -336,16 +358,14 @@ class AdamW(_Optimizer):
         self._add_moments("exp_avg", "exp_avg", self.params)
         self._add_moments("exp_avg_sq", "exp_avg_sq", self.params)
 
-    def construct(self, grads, lr):
-        step = self._count_step()
+    def update_params(self, grads, lr, step):
         # float64, as torch's Python-float arithmetic: 1 - 0.999**t loses ~1e-5 in float32.  (The
         # bases are the float32-rounded betas, as a Python float base was: 0.999 -> 0.99900001.)
         t = ops.cast(step, ms.float64)
         bias_correction1 = ops.cast(1.0 - ops.pow(self._betas[0], t), ms.float32)
         bias_correction2_sqrt = ops.cast(ops.sqrt(1.0 - ops.pow(self._betas[1], t)), ms.float32)
-        done = _hyper_map(ops.partial(_adamw, self.hparams, lr, bias_correction1, bias_correction2_sqrt),
+        return _hyper_map(ops.partial(_adamw, self.hparams, lr, bias_correction1, bias_correction2_sqrt),
                           self.params, grads, self.exp_avg, self.exp_avg_sq)
-        return ops.depend(step, done)
 
 
 def make_optimizer(name: str, params: Iterable[Parameter], **kwargs) -> _Optimizer:
@@ -365,11 +385,6 @@ _l2_norm = ops.MultitypeFuncGraph("l2_norm")
 _scaled = ops.MultitypeFuncGraph("scaled")
 
 
-@_l2_norm.register("Tensor")
-def _l2_norm_of(grad):
-    return ops.sqrt(_sum_all(grad * grad))
-
-
 @_scaled.register("Tensor", "Tensor")
 def _scaled_by(coef, grad):
     return grad * coef
@@ -382,9 +397,28 @@ def clip_grad_norm(grads: Tuple[Tensor, ...], max_norm: float) -> Tuple[Tuple[Te
     Returns (clipped grads, total norm before clipping).  Non-finite grads give a non-finite
     total and NaN grads, as torch; skip such steps (see the module docstring).
     """
-    total = ops.sqrt(ops.sum(ops.square(ops.stack(_hyper_map(_l2_norm, grads)))))
-    coef = ops.minimum(max_norm / (total + 1e-6), 1.0)
-    return _hyper_map(ops.partial(_scaled, coef), grads), total
+    coef, total = clip_coefficient(grad_norms(grads), max_norm)
+    return scaled(grads, coef), total
+
+
+def clip_coefficient(norms: Sequence[Tensor], max_norm: float) -> Tuple[Tensor, Tensor]:
+    """(min(1, max_norm / (total + 1e-6)), total) from the gradients' ``grad_norms``."""
+    total = ops.sqrt(ops.sum(ops.square(ops.stack(norms))))
+    return ops.minimum(max_norm / (total + 1e-6), 1.0), total
+
+
+def grad_norms(grads: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+    """The L2 norm of each gradient."""
+    return _hyper_map(_l2_norm, grads)
+
+
+def scaled(grads: Tuple[Tensor, ...], coef: Tensor) -> Tuple[Tensor, ...]:
+    return _hyper_map(ops.partial(_scaled, coef), grads)
+
+
+@_l2_norm.register("Tensor")
+def _l2_norm_of(grad):
+    return ops.sqrt(_sum_all(grad * grad))
 
 
 # -------------------------------------------------------------------------------------------- EMA

@@ -106,14 +106,18 @@ class TrainStep:
         self.loss_scaler = None
         if loss_scale is not None:
             self.loss_scaler = ms.amp.DynamicLossScaler(scale_value=loss_scale, scale_factor=2, scale_window=2000)
-        self.grad_fn = ms.value_and_grad(self._scaled_loss, None, self.params, has_aux=True)
         self.hyper_map = ops.HyperMap()
+        self._compile(compiled, dynamic_shapes)
+        model.set_train(True)
+
+    def _compile(self, compiled: bool, dynamic_shapes: bool):
+        """Set ``_update(lr, *batch)`` and ``_accumulate(*batch)``."""
+        self.grad_fn = ms.value_and_grad(self._scaled_loss, None, self.params, has_aux=True)
         if dynamic_shapes and not use_symbolic_grid(self.objective):
             raise ConfigError("dynamic shapes need a PixArt-MS model (a DiT runs at one size)")
         compile_graph = _compiled_for_any_latent_size if dynamic_shapes else jit
         self._update = compile_graph(self._update_graph) if compiled else self._update_graph
         self._accumulate = compile_graph(self._accumulate_graph) if compiled else self._accumulate_graph
-        model.set_train(True)
 
     # ---------------------------------------------------------------- graph bodies
     def _scaled_loss(self, x0, t, noise, *cond):
@@ -129,7 +133,16 @@ class TrainStep:
     def _update_graph(self, lr, *batch):
         (_, loss, *metrics), grads = self.grad_fn(*batch)
         if self.accumulation > 1:
-            grads = self.hyper_map(ops.partial(_mean_and_clear, float(self.accumulation)), self.accum, grads)
+            grads = self._averaged(grads)
+        return self._optimize(lr, grads, loss, metrics)
+
+    def _averaged(self, grads):
+        """(the accumulated gradients + this micro-batch's) / micro-batches; empties the buffers."""
+        return self.hyper_map(ops.partial(_mean_and_clear, float(self.accumulation)), self.accum, grads)
+
+    def _optimize(self, lr, grads, loss, metrics):
+        """The step after the backward: all-reduce, unscale, clip, optimizer, EMA, loss scale;
+        returns (loss, *metrics, gradient norm)."""
         if self.reducer is not None:
             grads = self.reducer(grads)
         finite = True

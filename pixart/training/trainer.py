@@ -174,6 +174,7 @@ class Trainer:
         from pixart.models.family import build_transformer
         from pixart.models.lora import attach_lora, lora_parameters
         from pixart.training.optim import auto_scale_lr, make_optimizer
+        from pixart.training.streamed_step import StreamedTrainStep
         from pixart.training.train_step import TrainStep
 
         cfg = self.cfg
@@ -212,10 +213,11 @@ class Trainer:
                                 None if cfg.auto_lr == "none" else cfg.auto_lr)
         optimizer = make_optimizer(cfg.optimizer, params, **cfg.optimizer_kwargs)
         objective, ema_into = self._objective(params)
-        self.step = TrainStep(self.model, optimizer, objective, ema_decay=cfg.ema_decay, ema_into=ema_into,
-                              grad_clip=cfg.grad_clip, grad_accumulation=cfg.grad_accumulation,
-                              loss_scale=cfg.loss_scale if self.dtype == ms.float16 else None, world=self.world,
-                              compiled=cfg.mode == "graph", dynamic_shapes=cfg.dynamic_shapes)
+        step_class = StreamedTrainStep if cfg.mode == "streamed" else TrainStep
+        self.step = step_class(self.model, optimizer, objective, ema_decay=cfg.ema_decay, ema_into=ema_into,
+                               grad_clip=cfg.grad_clip, grad_accumulation=cfg.grad_accumulation,
+                               loss_scale=cfg.loss_scale if self.dtype == ms.float16 else None, world=self.world,
+                               compiled=cfg.mode != "pynative", dynamic_shapes=cfg.dynamic_shapes)
 
     def _objective(self, params):
         """(the objective, the Parameters the EMA is kept in or None). LCM distillation adds a
