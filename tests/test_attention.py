@@ -75,8 +75,9 @@ def test_chunked_math_attention_equals_one_block():
     bias = caption_bias()
     whole = math_attention(q, k, v, bias, budget=1 << 30).asnumpy()
     for budget in (2 * 3 * 24 * 7, 2 * 3 * 24, 1):  # 7 queries a chunk (uneven last chunk), 1, and below one row
+        # a chunk's matmuls may block their sums differently (AVX2 CPUs: a few ulps, 6e-7 measured)
         np.testing.assert_allclose(math_attention(q, k, v, bias, budget=budget).asnumpy(), whole,
-                                   rtol=1e-6, atol=1e-7)
+                                   rtol=1e-6, atol=2e-6)
 
 
 XL_HEADS = PixArtConfig(input_size=8, depth=2, hidden_size=144, num_heads=2, caption_channels=32,

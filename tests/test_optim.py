@@ -44,6 +44,17 @@ def _stepper(optimizer, graph):
     return lambda grads, lr: step(ms.mutable(tuple(Tensor(g) for g in grads)), Tensor(lr, ms.float32))
 
 
+def _stepped_for(optimizer_cls, done, graph, **problem):
+    """(all gradients, params, optimizer with weight decay 0.1, its stepper) after ``done`` steps."""
+    init, grads = _problem(**problem)
+    params = _ms_params(init)
+    optimizer = optimizer_cls(params, lr=LR, weight_decay=0.1)
+    step = _stepper(optimizer, graph)
+    for step_grads in grads[:done]:
+        step(step_grads, LR)
+    return grads, params, optimizer, step
+
+
 def _run_torch(optimizer_cls, init, grads, **kwargs):
     params = [torch.tensor(v.copy(), requires_grad=True) for v in init]
     optimizer = optimizer_cls(params, **kwargs)
@@ -102,6 +113,33 @@ def test_adamw_matches_torch(graph, weight_decay):
     for i, p in enumerate(reference.param_groups[0]["params"]):  # measured: <= 1.3e-7
         assert _max_rel_diff([optimizer.exp_avg[i].asnumpy()], [reference.state[p]["exp_avg"].numpy()]) <= 1e-6
         assert _max_rel_diff([optimizer.exp_avg_sq[i].asnumpy()], [reference.state[p]["exp_avg_sq"].numpy()]) <= 1e-6
+
+
+@pytest.mark.parametrize("optimizer_cls", [CAME, AdamW])
+def test_stepped_values_equal_the_in_place_step(optimizer_cls):
+    """``stepped`` and ``EMA.averaged`` (what train.py --mode streamed runs a group of parameters
+    at a time) compute the in-place step's new weights, moments and averages from Tensors and
+    write nothing."""
+    grads, params, optimizer, step = _stepped_for(optimizer_cls, 3, graph=False, steps=4)
+    moments = optimizer.moments_of()
+    before = [p.asnumpy() for p in optimizer.state_parameters()] + [p.asnumpy() for p in params]
+    new_params, new_moments = optimizer.stepped([Tensor(p.asnumpy()) for p in params], [Tensor(g) for g in grads[3]],
+                                                [[Tensor(m.asnumpy()) for m in moments[p.name]] for p in params],
+                                                Tensor(LR, ms.float32), Tensor(4, ms.int32))
+    ema = EMA(params, decay=0.9)
+    averages = ema.averaged([Tensor(a.asnumpy()) for a in ema.averages], new_params)
+    after = [p.asnumpy() for p in optimizer.state_parameters()] + [p.asnumpy() for p in params]
+    for unchanged, value in zip(before, after):
+        np.testing.assert_array_equal(unchanged, value)
+    step(grads[3], LR)
+    ema()
+    for average, value in zip(ema.averages, averages):
+        np.testing.assert_array_equal(value.asnumpy(), average.asnumpy())
+    for p, value, state in zip(params, new_params, new_moments):
+        np.testing.assert_array_equal(value.asnumpy(), p.asnumpy(), err_msg=p.name)
+        assert len(state) == len(moments[p.name]) == (2 if optimizer_cls is AdamW or p.ndim < 2 else 5)
+        for moment, new in zip(moments[p.name], state):
+            np.testing.assert_array_equal(new.asnumpy(), moment.asnumpy(), err_msg=moment.name)
 
 
 def test_lr_is_a_graph_input():
@@ -180,12 +218,7 @@ def test_state_names():
 @pytest.mark.parametrize("optimizer_cls", [CAME, AdamW])
 def test_state_checkpoint_round_trip(optimizer_cls, tmp_path):
     """Save after 5 steps, restore into fresh objects, continue: identical to never stopping."""
-    init, grads = _problem(seed=2)
-    params = _ms_params(init)
-    optimizer = optimizer_cls(params, lr=LR, weight_decay=0.1)
-    step = _stepper(optimizer, graph=True)
-    for step_grads in grads[:5]:
-        step(step_grads, LR)
+    grads, params, optimizer, step = _stepped_for(optimizer_cls, 5, graph=True, seed=2)
     path = str(tmp_path / "state.ckpt")
     ms.save_checkpoint(params + optimizer.state_parameters(), path)
     for step_grads in grads[5:]:

@@ -55,12 +55,13 @@ def test_streamed_step_trains_as_the_whole_model_step(optimizer, accumulation):
         results.append(tuple(without_key_biases(values) for values in (weights, step.optimizer_state(), ema)))
         results[-1] = (metrics,) + results[-1]
     (metrics, weights, state, ema), (s_metrics, s_weights, s_state, s_ema) = results
-    for expected, got in zip(metrics, s_metrics):
+    for expected, got in zip(metrics, s_metrics):  # up to 2.5e-6 apart on an AVX2-only CPU (other GEMM blocking)
         for key in ("loss", "mse", "vb", "grad_norm"):
-            np.testing.assert_allclose(got[key], expected[key], rtol=2e-6, err_msg=key)
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, err_msg=key)
     assert any(m["grad_norm"] > 0.5 for m in metrics)  # clipping took effect
     # CAME's factored second moments amplify the rounding differences of the gradients' sums
-    # (up to 2.5e-6 here, a quarter of a percent of one step at lr 1e-3). The key biases, whose
+    # (up to 2.5e-6 on an AVX-512 CPU and 5.6e-6 on an AVX2-only one, about half a percent of
+    # one step at lr 1e-3; a wrong update is off by a whole step). The key biases, whose
     # gradient is rounding noise, are left out (see tests.test_train.without_key_biases); with
     # CAME the whole bias vectors holding them, whose update is clipped by its RMS, noise included.
     # The optimizer state (normalised updates, squared gradients) is compared on its own scale.
@@ -69,7 +70,7 @@ def test_streamed_step_trains_as_the_whole_model_step(optimizer, accumulation):
         for name, value in reference.items():
             if optimizer == "came" and name.endswith(("attn.qkv.bias", "kv_linear.bias")):
                 continue
-            atol = 1e-4 * np.abs(value).max() if scaled else 5e-6
+            atol = 1e-4 * np.abs(value).max() if scaled else 2e-5 if optimizer == "came" else 5e-6
             np.testing.assert_allclose(other[name], value, rtol=1e-5, atol=atol, err_msg=name)
 
 

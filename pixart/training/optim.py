@@ -95,6 +95,15 @@ def _graph_scalars(values: Iterable[float], dtype=ms.float32) -> Tuple[Tensor, .
     return tuple(Tensor(float(v), dtype) for v in values)
 
 
+def _assigned(targets: Sequence[Parameter], values: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+    return tuple(ops.assign(target, value) for target, value in zip(targets, values))
+
+
+def _params_and_moments(new: Sequence[Tuple[Tensor, ...]]) -> Tuple[List[Tensor], List[List[Tensor]]]:
+    """Per-parameter (param, *moments) step results -> (params, moments lists), as ``stepped`` returns."""
+    return [values[0] for values in new], [list(values[1:]) for values in new]
+
+
 def _load_named(targets: Sequence[Parameter], param_dict: Dict[str, Tensor], owner: str) -> None:
     """Copy ``param_dict[p.name]`` into each target after checking that every one is present
     and shaped alike: a partial restore would silently mix two training runs."""
@@ -161,9 +170,11 @@ class _Optimizer(nn.Cell):
         after counting the step; ``StreamedTrainStep`` counts once for several optimizers)."""
         raise NotImplementedError
 
-    def like(self, params: Iterable[Parameter]) -> "_Optimizer":
-        """The same optimizer, with the same settings, over other parameters."""
-        return type(self)(params, **self.settings)
+    def stepped(self, params, grads, moments, lr, step):
+        """``update_params`` as values, writing nothing: ``params`` of the shapes of some of
+        this optimizer's parameters, their gradients and their ``moments_of`` lists, as Tensors
+        -> (new params, new moments lists). For updating a group of parameters at a time."""
+        raise NotImplementedError
 
     def moments_of(self) -> Dict[str, List[Parameter]]:
         """{parameter name: its moments (``<prefix>.<kind>.<param name>``), in one order for all}."""
@@ -220,8 +231,13 @@ _came_vector = ops.MultitypeFuncGraph("came_vector")
 # traces the function but silently drops its assigns (PyNative is unaffected).
 @_came_factored.register("Tuple", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
 def _came_factored_step(hparams, lr, param, grad, exp_avg, sq_row, sq_col, res_row, res_col):
+    targets = (param, exp_avg, sq_row, sq_col, res_row, res_col)
+    return _assigned(targets, _came_factored_values(hparams, lr, param, grad, exp_avg, sq_row, sq_col, res_row, res_col))
+
+
+def _came_factored_values(hparams, lr, param, grad, exp_avg, sq_row, sq_col, res_row, res_col):
     """CAME for ndim >= 2: second moment and instability kept as row/column means over the
-    last two dims."""
+    last two dims. Returns the new (param, exp_avg, sq_row, sq_col, res_row, res_col)."""
     beta1, rest1, beta2, rest2, beta3, rest3, eps1, eps2, clip_threshold, weight_decay, decays = hparams
     sq = grad * grad + eps1
     new_sq_row = _ema_of(sq_row, _mean_over(sq, -1), beta2, rest2)
@@ -235,21 +251,23 @@ def _came_factored_step(hparams, lr, param, grad, exp_avg, sq_row, sq_col, res_r
     new_res_col = _ema_of(res_col, _mean_over(res, -2), beta3, rest3)
     new_param = _stepped(param, _factored_rsqrt(new_res_row, new_res_col) * new_exp_avg, lr, weight_decay,
                          decays)
-    return (ops.assign(sq_row, new_sq_row), ops.assign(sq_col, new_sq_col), ops.assign(exp_avg, new_exp_avg),
-            ops.assign(res_row, new_res_row), ops.assign(res_col, new_res_col), ops.assign(param, new_param))
+    return new_param, new_exp_avg, new_sq_row, new_sq_col, new_res_row, new_res_col
 
 
 @_came_vector.register("Tuple", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
 def _came_vector_step(hparams, lr, param, grad, exp_avg, exp_avg_sq):
+    return _assigned((param, exp_avg, exp_avg_sq), _came_vector_values(hparams, lr, param, grad, exp_avg, exp_avg_sq))
+
+
+def _came_vector_values(hparams, lr, param, grad, exp_avg, exp_avg_sq):
     """CAME for 1-D tensors: a full second moment and no confidence term (the reference steps
-    along the clipped momentum itself)."""
+    along the clipped momentum itself). Returns the new (param, exp_avg, exp_avg_sq)."""
     beta1, rest1, beta2, rest2, _, _, eps1, _, clip_threshold, weight_decay, decays = hparams
     new_exp_avg_sq = _ema_of(exp_avg_sq, grad * grad + eps1, beta2, rest2)
     update = ops.rsqrt(new_exp_avg_sq) * grad
     update = update / ops.maximum(_rms(update) / clip_threshold, 1.0)
     new_exp_avg = _ema_of(exp_avg, update, beta1, rest1)
-    new_param = _stepped(param, new_exp_avg, lr, weight_decay, decays)
-    return ops.assign(exp_avg_sq, new_exp_avg_sq), ops.assign(exp_avg, new_exp_avg), ops.assign(param, new_param)
+    return _stepped(param, new_exp_avg, lr, weight_decay, decays), new_exp_avg, new_exp_avg_sq
 
 
 class CAME(_Optimizer):
@@ -276,7 +294,6 @@ class CAME(_Optimizer):
                  clip_threshold: float = 1.0, betas: Tuple[float, float, float] = (0.9, 0.999, 0.9999),
                  weight_decay: float = 0.0):
         super().__init__(params, lr, weight_decay)
-        self.settings = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay)
         if len(betas) != 3 or not all(0.0 <= b <= 1.0 for b in betas):
             raise ValueError(f"CAME needs three betas in [0, 1], got {betas}")
         if len(eps) != 2:
@@ -313,6 +330,11 @@ class CAME(_Optimizer):
                                   self.vectors, vector_grads, self.vector_exp_avg, self.exp_avg_sq)
         return matrices_done, vectors_done
 
+    def stepped(self, params, grads, moments, lr, step):
+        new = [(_came_factored_values if param.ndim >= 2 else _came_vector_values)(self.hparams, lr, param, grad, *state)
+               for param, grad, state in zip(params, grads, moments)]
+        return _params_and_moments(new)
+
 
 # ----------------------------------------------------------------------------------------- AdamW
 
@@ -321,13 +343,19 @@ _adamw = ops.MultitypeFuncGraph("adamw")
 
 @_adamw.register("Tuple", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
 def _adamw_step(hparams, lr, bias_correction1, bias_correction2_sqrt, param, grad, exp_avg, exp_avg_sq):
+    return _assigned((param, exp_avg, exp_avg_sq), _adamw_values(hparams, lr, bias_correction1, bias_correction2_sqrt,
+                                                                 param, grad, exp_avg, exp_avg_sq))
+
+
+def _adamw_values(hparams, lr, bias_correction1, bias_correction2_sqrt, param, grad, exp_avg, exp_avg_sq):
+    """The new (param, exp_avg, exp_avg_sq)."""
     rest1, beta2, rest2, eps, weight_decay, decays = hparams
     new_param = param * (1.0 - lr * weight_decay) if decays else param
     new_exp_avg = exp_avg + (grad - exp_avg) * rest1  # torch's lerp, same rounding
     new_exp_avg_sq = exp_avg_sq * beta2 + grad * grad * rest2
     denom = ops.sqrt(new_exp_avg_sq) / bias_correction2_sqrt + eps
     new_param = new_param - (new_exp_avg / denom) * (lr / bias_correction1)
-    return ops.assign(exp_avg, new_exp_avg), ops.assign(exp_avg_sq, new_exp_avg_sq), ops.assign(param, new_param)
+    return new_param, new_exp_avg, new_exp_avg_sq
 
 
 class AdamW(_Optimizer):
@@ -346,7 +374,6 @@ class AdamW(_Optimizer):
     def __init__(self, params: Iterable[Parameter], lr: float, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2):
         super().__init__(params, lr, weight_decay)
-        self.settings = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"AdamW needs two betas in [0, 1), got {betas}")
         self.betas = tuple(float(b) for b in betas)
@@ -358,14 +385,23 @@ class AdamW(_Optimizer):
         self._add_moments("exp_avg", "exp_avg", self.params)
         self._add_moments("exp_avg_sq", "exp_avg_sq", self.params)
 
-    def update_params(self, grads, lr, step):
+    def _bias_corrections(self, step):
         # float64, as torch's Python-float arithmetic: 1 - 0.999**t loses ~1e-5 in float32.  (The
         # bases are the float32-rounded betas, as a Python float base was: 0.999 -> 0.99900001.)
         t = ops.cast(step, ms.float64)
-        bias_correction1 = ops.cast(1.0 - ops.pow(self._betas[0], t), ms.float32)
-        bias_correction2_sqrt = ops.cast(ops.sqrt(1.0 - ops.pow(self._betas[1], t)), ms.float32)
+        return (ops.cast(1.0 - ops.pow(self._betas[0], t), ms.float32),
+                ops.cast(ops.sqrt(1.0 - ops.pow(self._betas[1], t)), ms.float32))
+
+    def update_params(self, grads, lr, step):
+        bias_correction1, bias_correction2_sqrt = self._bias_corrections(step)
         return _hyper_map(ops.partial(_adamw, self.hparams, lr, bias_correction1, bias_correction2_sqrt),
                           self.params, grads, self.exp_avg, self.exp_avg_sq)
+
+    def stepped(self, params, grads, moments, lr, step):
+        bias_correction1, bias_correction2_sqrt = self._bias_corrections(step)
+        new = [_adamw_values(self.hparams, lr, bias_correction1, bias_correction2_sqrt, param, grad, *state)
+               for param, grad, state in zip(params, grads, moments)]
+        return _params_and_moments(new)
 
 
 def make_optimizer(name: str, params: Iterable[Parameter], **kwargs) -> _Optimizer:
@@ -428,8 +464,12 @@ _ema_update = ops.MultitypeFuncGraph("ema_update")
 
 @_ema_update.register("Tuple", "Tensor", "Tensor")
 def _ema_update_one(decay, average, param):
+    return ops.assign(average, _ema_value(decay, average, param))
+
+
+def _ema_value(decay, average, param):
     keep, take = decay
-    return ops.assign(average, average * keep + param * take)
+    return average * keep + param * take
 
 
 class EMA(nn.Cell):
@@ -464,6 +504,11 @@ class EMA(nn.Cell):
 
     def construct(self):
         return _hyper_map(ops.partial(_ema_update, self.decay), self.averages, self.params)
+
+    def averaged(self, averages, params) -> List[Tensor]:
+        """The next averages of ``averages`` and ``params`` (Tensors, shaped as some of this
+        EMA's parameters) as values, writing nothing: the EMA of a group of parameters."""
+        return [_ema_value(self.decay, average, param) for average, param in zip(averages, params)]
 
     def reset(self) -> None:
         """Restart the averages from the parameters' current values, e.g. once pretrained weights

@@ -15,7 +15,8 @@ block, as ``BlockStreamedForward`` does for inference:
    blocks add up;
 4. the embeddings' weight gradients from those input gradients;
 5. clipping by the global norm, the optimizer and the EMA, a block's parameters at a time
-   (a graph over all parameters would keep a dozen buffers the size of all weights).
+   (a graph over all parameters would keep a dozen buffers the size of all weights): one
+   compiled graph per group layout computes the new values, which are copied in place.
 
 Every block's forward therefore runs twice (per-block recompute): about a third more compute
 than the whole-model graph, for the memory of one block's graph plus the weights, their
@@ -28,13 +29,13 @@ from typing import Dict
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, ops
+from mindspore import Tensor, ops
 
 from pixart.diffusion.objectives import DiffusionObjective
 from pixart.errors import ConfigError
 from pixart.models.pixart import BlockStreamedForward, PixArt, block_template
 from pixart.runtime import jit
-from pixart.training.optim import EMA, clip_coefficient, grad_norms, scaled
+from pixart.training.optim import clip_coefficient, grad_norms, scaled
 from pixart.training.train_step import TrainStep, _add_into_one, _mean_and_clear_one
 
 
@@ -142,10 +143,10 @@ class StreamedTrainStep(TrainStep):
     def _optimize_by_groups(self, lr: float, grads):
         """Clipping, optimizer and EMA of ``TrainStep._optimize``, a block's parameters at a
         time (a graph over all parameters would keep about a dozen buffers the size of all
-        weights): one compiled graph per group shape copies a group's weights, gradients,
-        moments and averages into template Parameters, updates those and returns them, and
-        results are copied into the group's Parameters. Each gradient is dropped once used.
-        Returns the gradient norm."""
+        weights): one compiled graph per group shape takes a group's weights, gradients,
+        moments and averages as Tensors and returns their new values (``optimizer.stepped``,
+        ``ema.averaged``), which are copied into the group's Parameters. Each gradient is
+        dropped once used. Returns the gradient norm."""
         if self.accumulation > 1:
             grads = [_mean_and_clear_one(float(self.accumulation), buffer, grad)
                      for buffer, grad in zip(self.accum, grads)]
@@ -161,7 +162,7 @@ class StreamedTrainStep(TrainStep):
             group_grads = [grads[i] for i in group]
             for i in group:
                 grads[i] = None
-            update = self._group_update(tuple(p.shape for p in params))
+            update = self._group_update(tuple(len(self.moments[p.name]) for p in params))
             # plain tensors over the Parameters' data: a graph compiled with Parameter arguments is
             # compiled again, with its own buffers, for every other Parameter passed
             values = update(lr, step, coef, *map(Tensor, params), *group_grads, *map(Tensor, state + averages))
@@ -169,30 +170,29 @@ class StreamedTrainStep(TrainStep):
                 ops.assign(target, value)  # in place: compiled graphs keep reading a Parameter's first storage
         return total
 
-    def _group_update(self, shapes):
-        """The compiled update of a group of parameters of these shapes (see _optimize_by_groups)."""
-        if shapes not in self._group_updates:
-            slots = [Parameter(Tensor(np.zeros(shape, np.float32)), name=f"group.{k}") for k, shape in enumerate(shapes)]
-            optimizer = self.optimizer.like(slots)
-            moments = optimizer.moments_of()
-            state = [m for slot in slots for m in moments[slot.name]]
-            averages = []
-            if self.ema is not None:
-                averages = [Parameter(Tensor(np.zeros(shape, np.float32)), name=f"group_ema.{k}", requires_grad=False)
-                            for k, shape in enumerate(shapes)]
-                ema = EMA(slots, self.ema.decay[0], averages)
-            targets, n = slots + state + averages, len(slots)
+    def _group_update(self, moment_counts):
+        """The update of a group of parameters with these numbers of moments (see
+        _optimize_by_groups): (lr, step, clip coefficient, *params, *grads, *moments, *averages)
+        -> (*new params, *new moments, *new averages)."""
+        if moment_counts not in self._group_updates:
+            optimizer, ema, n = self.optimizer, self.ema, len(moment_counts)
 
             def update(lr, step, coef, *tensors):
-                for target, value in zip(targets, tensors[:n] + tensors[2 * n:]):
-                    ops.assign(target, value)
-                done = optimizer.update_params(scaled(tensors[n:2 * n], coef), lr, step)
-                if averages:
-                    done = ops.depend(ema(), done)
-                return ops.depend(tuple(targets), done)
+                params, grads, rest = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+                moments, k = [], 0
+                for count in moment_counts:
+                    moments.append(rest[k:k + count])
+                    k += count
+                new_params, new_moments = optimizer.stepped(params, scaled(grads, coef), moments, lr, step)
+                values = list(new_params)
+                for param_moments in new_moments:
+                    values += param_moments
+                if ema is not None:
+                    values += ema.averaged(rest[k:], new_params)
+                return tuple(values)
 
-            self._group_updates[shapes] = jit(update)
-        return self._group_updates[shapes]
+            self._group_updates[moment_counts] = jit(update)
+        return self._group_updates[moment_counts]
 
     def accumulate(self, inputs: Dict) -> Dict[str, float]:
         loss, mse, vb, grads = self._backward(inputs)
