@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from mindspore import Parameter, Tensor
 
 from pixart.errors import ConfigError
 from pixart.models.dit import DiT, DiTConfig
@@ -74,7 +75,7 @@ def test_streamed_step_trains_as_the_whole_model_step(optimizer, accumulation):
             np.testing.assert_allclose(other[name], value, rtol=1e-5, atol=atol, err_msg=name)
 
 
-def test_streamed_step_refuses_what_it_does_not_stream():
+def test_streamed_step_refuses_what_it_does_not_stream(monkeypatch):
     def streamed(model, params=None, **kwargs):
         return StreamedTrainStep(model, make_optimizer("adamw", params or model.trainable_params(), lr=1e-3),
                                  **kwargs)
@@ -89,3 +90,7 @@ def test_streamed_step_refuses_what_it_does_not_stream():
         streamed(tiny_ms_model(), dynamic_shapes=True)
     with pytest.raises(ConfigError, match="fp16"):
         streamed(tiny_ms_model(), loss_scale=1024.0)
+    # where asnumpy() copies (a device's memory), the host update would be lost
+    monkeypatch.setattr(Parameter, "asnumpy", lambda self: Tensor.asnumpy(self).copy())
+    with pytest.raises(ConfigError, match="CPU only"):
+        streamed(tiny_ms_model())

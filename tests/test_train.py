@@ -6,6 +6,7 @@ cache tool is itself under test) so most runs train from the cache.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,24 @@ def base_checkpoint(workspace):
     return path
 
 
+@pytest.fixture(scope="module")
+def reference_run(workspace, base_checkpoint, tmp_path_factory):
+    """``reference_run(kind)``: the output folder of one uninterrupted single-process run of 8
+    steps with a checkpoint every 2 (all kept), trained once per kind for every test that compares
+    against it. A step's weights do not depend on --max_steps or on the checkpoints written
+    (tested: the runs compared against these stop at other steps)."""
+    runs = {}
+
+    def run(kind):
+        if kind not in runs:
+            runs[kind] = tmp_path_factory.mktemp(f"reference-{kind}") / "run"
+            train(workspace, runs[kind], "--feature_cache", workspace["cache"], "--max_steps", "8", "--ckpt_every",
+                  "2", "--keep_last", "0", *kind_args(kind, base_checkpoint))
+        return runs[kind]
+
+    return run
+
+
 def kind_args(kind, base):
     """Flags of a full finetune, a LoRA finetune, or an LCM distillation of the base."""
     return {"full": [], "lora": ["--checkpoint", base, "--lora_rank", "4", "--lora_alpha", "8"],
@@ -147,18 +166,18 @@ def test_loss_goes_down(workspace, tmp_path):
     assert os.path.isfile(out / "checkpoints" / "step-00000300" / "ema.ckpt")
 
 
-def test_images_and_cache_train_the_same(workspace, tmp_path):
-    a, b = tmp_path / "images", tmp_path / "cache"
-    train(workspace, a, "--max_steps", "3")
-    train(workspace, b, "--feature_cache", workspace["cache"], "--max_steps", "3")
-    assert max_diff(final_weights(a, 3), final_weights(b, 3)) < 1e-5
+def test_images_and_cache_train_the_same(workspace, reference_run, tmp_path):
+    images = tmp_path / "images"
+    proc = train(workspace, images, "--max_steps", "2", "--resume", "latest")
+    assert "no checkpoint in" in proc.stderr and "starting fresh" in proc.stderr  # nothing to resume yet
+    assert max_diff(final_weights(images, 2), final_weights(reference_run("full"), 2)) < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
-def test_dynamic_shapes_and_streamed_mode_train_as_one_graph_per_bucket(workspace, base_checkpoint, tmp_path, kind):
-    static, dynamic, streamed = tmp_path / "static", tmp_path / "dynamic", tmp_path / "streamed"
+def test_dynamic_shapes_and_streamed_mode_train_as_one_graph_per_bucket(workspace, base_checkpoint, reference_run,
+                                                                        tmp_path, kind):
+    static, dynamic, streamed = reference_run(kind), tmp_path / "dynamic", tmp_path / "streamed"
     common = ["--feature_cache", workspace["cache"], "--max_steps", "4", *kind_args(kind, base_checkpoint)]
-    train(workspace, static, *common)
     # 4 steps of 4 images: every one of the 3 buckets; validation samples through the same model
     validation = ["--validation_every", "4", "--validation_prompts", "a square", "--validation_steps", "2"]
     train(workspace, dynamic, *common, "--dynamic_shapes", "true", *validation)
@@ -177,11 +196,10 @@ def test_dynamic_shapes_and_streamed_mode_train_as_one_graph_per_bucket(workspac
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
-def test_kill_and_resume_matches_uninterrupted(workspace, base_checkpoint, tmp_path, kind):
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+def test_kill_and_resume_matches_uninterrupted(workspace, base_checkpoint, reference_run, tmp_path, kind):
+    straight, interrupted = reference_run(kind), tmp_path / "interrupted"
     common = ["--feature_cache", workspace["cache"], "--max_steps", "8", "--ckpt_every", "2", "--keep_last", "2",
               *kind_args(kind, base_checkpoint)]
-    train(workspace, straight, *common)
     proc = subprocess.Popen([sys.executable, "train.py", "-c", str(workspace["config"]), "--output_path",
                              str(interrupted), *map(str, common)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -201,11 +219,10 @@ def test_kill_and_resume_matches_uninterrupted(workspace, base_checkpoint, tmp_p
 
 
 @pytest.mark.parametrize("kind", ["full", "lora", "lcm"])
-def test_two_workers_match_one_process(workspace, base_checkpoint, tmp_path, kind):
-    single, parallel = tmp_path / "single", tmp_path / "parallel"
+def test_two_workers_match_one_process(workspace, base_checkpoint, reference_run, tmp_path, kind):
+    single, parallel = reference_run(kind), tmp_path / "parallel"  # one process, batch 4
     common = ["--feature_cache", workspace["cache"], "--max_steps", "4", "--ckpt_every", "4",
               *kind_args(kind, base_checkpoint)]
-    train(workspace, single, *common, "--batch_size", "4")
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     logs = tmp_path / "msrun_logs"
     # rank 0 alone validates, then both ranks meet in a barrier; it must change nothing of the training
@@ -283,14 +300,14 @@ def checkpoint_steps(output):
     return sorted(os.listdir(output / "checkpoints"))
 
 
-def test_a_second_run_into_a_used_folder_is_refused_unless_asked(workspace, tmp_path):
+def test_a_second_run_into_a_used_folder_is_refused_unless_asked(workspace, reference_run, tmp_path):
     out = tmp_path / "run"
+    shutil.copytree(reference_run("full"), out)
     common = ["--feature_cache", workspace["cache"], "--ckpt_every", "2"]
-    train(workspace, out, *common, "--max_steps", "4")
     before = {name: os.path.getmtime(out / "checkpoints" / name / "model.ckpt") for name in checkpoint_steps(out)}
     log_before = read_log(out)
     proc = train(workspace, out, *common, "--max_steps", "2", "--seed", "7", check=False)
-    assert proc.returncode == 1 and "already holds a training run (checkpoints up to step 4)" in proc.stderr
+    assert proc.returncode == 1 and "already holds a training run (checkpoints up to step 8)" in proc.stderr
     assert "--resume latest" in proc.stderr and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
     assert {n: os.path.getmtime(out / "checkpoints" / n / "model.ckpt") for n in checkpoint_steps(out)} == before
     assert read_log(out) == log_before
@@ -301,31 +318,28 @@ def test_a_second_run_into_a_used_folder_is_refused_unless_asked(workspace, tmp_
     assert recorded["seed"] == 7 and recorded["lr"] == 1e-3 and recorded["architecture"]["hidden_size"] == 64
 
 
-def test_resume_problems_are_messages_and_latest_skips_a_broken_checkpoint(workspace, tmp_path):
+def test_resume_problems_are_messages_and_latest_skips_a_broken_checkpoint(workspace, reference_run, tmp_path):
     out = tmp_path / "run"
+    shutil.copytree(reference_run("full"), out)  # checkpoints at steps 2, 4, 6, 8
     common = ["--feature_cache", workspace["cache"], "--ckpt_every", "2", "--keep_last", "0"]
-    proc = train(workspace, out, *common, "--max_steps", "2", "--resume", "latest")
-    assert "no checkpoint in" in proc.stderr and "starting fresh" in proc.stderr
     for resume, message in (("lastest", "did you mean 'latest'"), (str(tmp_path / "nowhere"), "not a checkpoint folder")):
-        proc = train(workspace, out, *common, "--max_steps", "4", "--resume", resume, check=False)
+        proc = train(workspace, out, *common, "--max_steps", "9", "--resume", resume, check=False)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    train(workspace, out, *common, "--max_steps", "4", "--resume", "latest")
-    newest = out / "checkpoints" / "step-00000004"
+    newest = out / "checkpoints" / "step-00000008"
     with open(newest / "model.ckpt", "r+b") as f:  # cut short, as a disk that filled up mid-write would
         f.truncate(100)
-    proc = train(workspace, out, *common, "--max_steps", "4", "--resume", str(newest), check=False)
-    assert proc.returncode == 1 and "cannot be loaded" in proc.stderr and "step-00000002" in proc.stderr
-    proc = train(workspace, out, *common, "--max_steps", "6", "--resume", "latest", "--lr", "5e-4")
-    assert "step-00000004 cannot be loaded" in proc.stderr and "resumed from" in proc.stderr
-    assert "step-00000002" in proc.stderr and "lr: 0.001 -> 0.0005" in proc.stderr
+    proc = train(workspace, out, *common, "--max_steps", "9", "--resume", str(newest), check=False)
+    assert proc.returncode == 1 and "cannot be loaded" in proc.stderr and "step-00000006" in proc.stderr
+    proc = train(workspace, out, *common, "--max_steps", "7", "--resume", "latest", "--lr", "5e-4")
+    assert "step-00000008 cannot be loaded" in proc.stderr and "resumed from" in proc.stderr
+    assert "step-00000006" in proc.stderr and "lr: 0.001 -> 0.0005" in proc.stderr
+    assert [int(r["step"]) for r in read_log(out)][-1] == 7
 
 
-def test_train_refuses_weights_of_another_architecture(workspace, tmp_path):
-    out = tmp_path / "run"
-    train(workspace, out, "--feature_cache", workspace["cache"], "--max_steps", "1")
+def test_train_refuses_weights_of_another_architecture(workspace, reference_run, tmp_path):
     other = dict(TINY_MODEL, hidden_size=32, num_heads=2)
     proc = train(workspace, tmp_path / "other", "--feature_cache", workspace["cache"], "--max_steps", "1",
-                 "--checkpoint", out / "checkpoints" / "step-00000001" / "model.ckpt",
+                 "--checkpoint", reference_run("full") / "checkpoints" / "step-00000002" / "model.ckpt",
                  "--model_config", json.dumps(other), check=False)
     assert proc.returncode == 1 and "does not match the model" in proc.stderr and "Traceback" not in proc.stderr
     assert "shape mismatch" in proc.stderr

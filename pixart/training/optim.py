@@ -3,7 +3,8 @@
 * :class:`CAME` matches ``came_pytorch.CAME`` (PixArt-Σ's ``CAMEWrapper``) and :class:`AdamW`
   matches ``torch.optim.AdamW`` (PixArt-α).  Both are ``nn.Cell`` objects holding their state
   as Parameters; ``optimizer(grads, lr)`` applies one step in place, as one ``HyperMap`` over
-  all parameters, and compiles inside an ``ms.jit`` train step.
+  all parameters, and compiles inside an ``ms.jit`` train step.  ``step_on_host`` is the same
+  step in NumPy, in place, for ``train.py --mode streamed`` (AdamW bit for bit).
 * :func:`clip_grad_norm` matches ``torch.nn.utils.clip_grad_norm_``.
 * :class:`EMA` is PixArt-α's ``ema_update``: ``ema = decay * ema + (1 - decay) * param``.
 * :func:`constant_with_warmup` and :func:`auto_scale_lr` are PixArt's ``lr_schedule='constant'``
@@ -51,7 +52,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 __all__ = [
-    "AdamW", "CAME", "EMA", "auto_scale_lr", "clip_grad_norm", "constant_with_warmup", "make_optimizer",
+    "AdamW", "CAME", "EMA", "Scratch", "auto_scale_lr", "clip_grad_norm", "constant_with_warmup", "make_optimizer",
 ]
 
 _hyper_map = ops.HyperMap()
@@ -99,9 +100,18 @@ def _assigned(targets: Sequence[Parameter], values: Sequence[Tensor]) -> Tuple[T
     return tuple(ops.assign(target, value) for target, value in zip(targets, values))
 
 
-def _params_and_moments(new: Sequence[Tuple[Tensor, ...]]) -> Tuple[List[Tensor], List[List[Tensor]]]:
-    """Per-parameter (param, *moments) step results -> (params, moments lists), as ``stepped`` returns."""
-    return [values[0] for values in new], [list(values[1:]) for values in new]
+class Scratch:
+    """Reusable float32 work arrays by shape for the host steps (``step_on_host``): a new array
+    the size of a weight costs about a pass over it, as the system zeroes its pages."""
+
+    def __init__(self):
+        self._arrays: Dict[Tuple[Tuple[int, ...], int], np.ndarray] = {}
+
+    def __call__(self, shape, slot: int = 0) -> np.ndarray:
+        key = (tuple(shape), slot)
+        if key not in self._arrays:
+            self._arrays[key] = np.empty(shape, np.float32)
+        return self._arrays[key]
 
 
 def _load_named(targets: Sequence[Parameter], param_dict: Dict[str, Tensor], owner: str) -> None:
@@ -170,10 +180,13 @@ class _Optimizer(nn.Cell):
         after counting the step; ``StreamedTrainStep`` counts once for several optimizers)."""
         raise NotImplementedError
 
-    def stepped(self, params, grads, moments, lr, step):
-        """``update_params`` as values, writing nothing: ``params`` of the shapes of some of
-        this optimizer's parameters, their gradients and their ``moments_of`` lists, as Tensors
-        -> (new params, new moments lists). For updating a group of parameters at a time."""
+    def step_on_host(self, params: Sequence[np.ndarray], grads: Sequence[np.ndarray],
+                     moments: Sequence[Sequence[np.ndarray]], lr: float, step: int, scratch: Scratch) -> None:
+        """``update_params`` in NumPy, in place: ``params`` some of this optimizer's parameters as
+        arrays over their memory, their gradients (overwritten), their ``moments_of`` lists as
+        arrays, the step count after counting this step. For ``StreamedTrainStep``, a group of
+        parameters at a time: MindSpore 2.10's CPU kernels take 2-4x NumPy's time for a pass
+        over a weight, and the compiled update needs its results copied back."""
         raise NotImplementedError
 
     def moments_of(self) -> Dict[str, List[Parameter]]:
@@ -270,6 +283,69 @@ def _came_vector_values(hparams, lr, param, grad, exp_avg, exp_avg_sq):
     return _stepped(param, new_exp_avg, lr, weight_decay, decays), new_exp_avg, new_exp_avg_sq
 
 
+def _host_scalars(tensors: Sequence[Tensor]) -> Tuple[np.float32, ...]:
+    """The graph's 0-d float32 hyper-parameters as NumPy scalars (float32 arithmetic stays float32)."""
+    return tuple(np.float32(t.asnumpy()) for t in tensors)
+
+
+def _host_mean_over(x: np.ndarray, axis: int) -> np.ndarray:
+    return np.sum(x, axis) / np.float32(x.shape[axis])
+
+
+def _host_factored_rsqrt(row: np.ndarray, col: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``_factored_rsqrt`` into ``out``."""
+    r_factor = 1.0 / np.sqrt(row / _host_mean_over(row, -1)[..., None])
+    return np.multiply(r_factor[..., None], (1.0 / np.sqrt(col))[..., None, :], out=out)
+
+
+def _host_clip_by_rms(update: np.ndarray, clip_threshold: np.float32, work: np.ndarray) -> None:
+    """``update /= max(rms(update) / clip_threshold, 1)`` (``work``: scratch of its shape)."""
+    rms = np.sqrt(np.square(update, out=work).sum() / np.float32(update.size))
+    update /= max(rms / clip_threshold, np.float32(1.0))
+
+
+def _host_stepped(param, update, lr, weight_decay, decays, work) -> None:
+    """``_stepped`` in place; ``update`` is overwritten."""
+    if decays:
+        param -= np.multiply(param, lr * weight_decay, out=work)
+    update *= lr
+    param -= update
+
+
+def _came_factored_on_host(hparams, lr, param, grad, exp_avg, sq_row, sq_col, res_row, res_col, scratch):
+    """``_came_factored_values`` in place. Its row and column sums add in NumPy's order, not
+    MindSpore's: the results agree to float32 rounding, not bit for bit."""
+    beta1, rest1, beta2, rest2, beta3, rest3, eps1, eps2, clip_threshold, weight_decay, decays = hparams
+    update, work = scratch(param.shape), scratch(param.shape, 1)
+    sq = np.multiply(grad, grad, out=work)
+    sq += eps1
+    sq_row[...] = sq_row * beta2 + _host_mean_over(sq, -1) * rest2
+    sq_col[...] = sq_col * beta2 + _host_mean_over(sq, -2) * rest2
+    _host_factored_rsqrt(sq_row, sq_col, update)
+    update *= grad
+    _host_clip_by_rms(update, clip_threshold, work)
+    exp_avg *= beta1
+    exp_avg += np.multiply(update, rest1, out=work)
+    res = np.subtract(update, exp_avg, out=update)
+    np.square(res, out=res)
+    res += eps2
+    res_row[...] = res_row * beta3 + _host_mean_over(res, -1) * rest3
+    res_col[...] = res_col * beta3 + _host_mean_over(res, -2) * rest3
+    step = _host_factored_rsqrt(res_row, res_col, update)
+    step *= exp_avg
+    _host_stepped(param, step, lr, weight_decay, decays, work)
+
+
+def _came_vector_on_host(hparams, lr, param, grad, exp_avg, exp_avg_sq, scratch):
+    """``_came_vector_values`` in place."""
+    beta1, rest1, beta2, rest2, _, _, eps1, _, clip_threshold, weight_decay, decays = hparams
+    exp_avg_sq[...] = exp_avg_sq * beta2 + (grad * grad + eps1) * rest2
+    update = 1.0 / np.sqrt(exp_avg_sq) * grad
+    _host_clip_by_rms(update, clip_threshold, scratch(param.shape))
+    exp_avg[...] = exp_avg * beta1 + update * rest1
+    _host_stepped(param, exp_avg.copy(), lr, weight_decay, decays, scratch(param.shape))
+
+
 class CAME(_Optimizer):
     """CAME (Luo et al. 2023), matching ``came_pytorch.CAME`` 0.1.3 step for step.
 
@@ -330,10 +406,11 @@ class CAME(_Optimizer):
                                   self.vectors, vector_grads, self.vector_exp_avg, self.exp_avg_sq)
         return matrices_done, vectors_done
 
-    def stepped(self, params, grads, moments, lr, step):
-        new = [(_came_factored_values if param.ndim >= 2 else _came_vector_values)(self.hparams, lr, param, grad, *state)
-               for param, grad, state in zip(params, grads, moments)]
-        return _params_and_moments(new)
+    def step_on_host(self, params, grads, moments, lr, step, scratch):
+        hparams = _host_scalars(self.hparams[:-1]) + (self.hparams[-1],)
+        for param, grad, state in zip(params, grads, moments):
+            (_came_factored_on_host if param.ndim >= 2 else _came_vector_on_host)(
+                hparams, np.float32(lr), param, grad, *state, scratch=scratch)
 
 
 # ----------------------------------------------------------------------------------------- AdamW
@@ -397,11 +474,31 @@ class AdamW(_Optimizer):
         return _hyper_map(ops.partial(_adamw, self.hparams, lr, bias_correction1, bias_correction2_sqrt),
                           self.params, grads, self.exp_avg, self.exp_avg_sq)
 
-    def stepped(self, params, grads, moments, lr, step):
-        bias_correction1, bias_correction2_sqrt = self._bias_corrections(step)
-        new = [_adamw_values(self.hparams, lr, bias_correction1, bias_correction2_sqrt, param, grad, *state)
-               for param, grad, state in zip(params, grads, moments)]
-        return _params_and_moments(new)
+    def step_on_host(self, params, grads, moments, lr, step, scratch):
+        rest1, beta2, rest2, eps, weight_decay = _host_scalars(self.hparams[:-1])
+        decays, lr = self.hparams[-1], np.float32(lr)
+        # as _bias_corrections: float64 powers of the float32 betas, rounded to float32
+        beta1_t, beta2_t = (float(np.float32(b)) ** step for b in self.betas)
+        step_size = lr / np.float32(1.0 - beta1_t)
+        bias_correction2_sqrt = np.float32(math.sqrt(1.0 - beta2_t))
+        for param, grad, (exp_avg, exp_avg_sq) in zip(params, grads, moments):
+            # _adamw_values, operation for operation (the same roundings)
+            work = scratch(param.shape)
+            if decays:
+                param *= np.float32(1.0) - lr * weight_decay
+            np.subtract(grad, exp_avg, out=work)
+            work *= rest1
+            exp_avg += work
+            exp_avg_sq *= beta2
+            np.multiply(grad, grad, out=work)
+            work *= rest2
+            exp_avg_sq += work
+            np.sqrt(exp_avg_sq, out=work)
+            work /= bias_correction2_sqrt
+            work += eps
+            np.divide(exp_avg, work, out=work)
+            work *= step_size
+            param -= work
 
 
 def make_optimizer(name: str, params: Iterable[Parameter], **kwargs) -> _Optimizer:
@@ -464,12 +561,8 @@ _ema_update = ops.MultitypeFuncGraph("ema_update")
 
 @_ema_update.register("Tuple", "Tensor", "Tensor")
 def _ema_update_one(decay, average, param):
-    return ops.assign(average, _ema_value(decay, average, param))
-
-
-def _ema_value(decay, average, param):
     keep, take = decay
-    return average * keep + param * take
+    return ops.assign(average, average * keep + param * take)
 
 
 class EMA(nn.Cell):
@@ -505,10 +598,13 @@ class EMA(nn.Cell):
     def construct(self):
         return _hyper_map(ops.partial(_ema_update, self.decay), self.averages, self.params)
 
-    def averaged(self, averages, params) -> List[Tensor]:
-        """The next averages of ``averages`` and ``params`` (Tensors, shaped as some of this
-        EMA's parameters) as values, writing nothing: the EMA of a group of parameters."""
-        return [_ema_value(self.decay, average, param) for average, param in zip(averages, params)]
+    def average_on_host(self, averages: Sequence[np.ndarray], params: Sequence[np.ndarray], scratch: Scratch) -> None:
+        """``construct`` in NumPy, in place: ``averages`` some of the averages as arrays over their
+        memory, ``params`` their parameters (see ``_Optimizer.step_on_host``)."""
+        keep, take = (np.float32(d) for d in self.decay)
+        for average, param in zip(averages, params):
+            average *= keep
+            average += np.multiply(param, take, out=scratch(param.shape))
 
     def reset(self) -> None:
         """Restart the averages from the parameters' current values, e.g. once pretrained weights
