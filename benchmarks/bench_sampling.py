@@ -106,7 +106,10 @@ def main():
     with torch.no_grad():
         vae.decode(torch.from_numpy(latents) / vae.config.scaling_factor)
     decode_theirs = time.perf_counter() - start
+    from benchmarks.machine import cpu_description, gemm_peaks
+
     print(f"\n{args.steps}-step DPM-Solver++ sampling at {args.size}px, XL/2 + SDXL-sized VAE, {args.threads} threads")
+    print(f"{cpu_description()}; {gemm_peaks()}")
     print("| pipeline | total (s) | s/step (denoiser) | ratio ours/diffusers |")
     print("|---|---|---|---|")
     print(f"| ours, {args.mode} mode | {t_ours:.1f} | {result.seconds_per_step:.2f} | {t_ours / t_theirs:.2f} |")

@@ -16,6 +16,7 @@ import torch
 from mindspore import Tensor
 
 from pixart.models import autoencoder_kl as akl
+from pixart.models import winograd
 from pixart.models.autoencoder_kl import AutoencoderKL
 from pixart.errors import ModelLoadError
 from pixart.utils.safetensors_io import load_file, save_file
@@ -167,6 +168,47 @@ def test_conv_matches_torch(monkeypatch, im2col, bands, kernel, stride, padding)
     conv.im2col = im2col
     expected = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(b), stride, padding)
     assert_close(conv(Tensor(x)).asnumpy(), expected.numpy())
+
+
+@pytest.mark.parametrize("shape, out_channels, band_pixels", [
+    ((2, 5, 20, 12), 7, 96),     # bands of 8 rows: the last one, 4 rows, padded to full height
+    ((1, 3, 8, 16), 1, 1 << 14),  # one band
+    ((1, 6, 12, 4), 4, 1),        # the narrowest band, one tile high
+])
+def test_winograd_conv_matches_torch(monkeypatch, shape, out_channels, band_pixels):
+    monkeypatch.setattr(winograd, "BAND_PIXELS", band_pixels)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((out_channels, shape[1], 3, 3)).astype(np.float32)
+    b = rng.standard_normal(out_channels).astype(np.float32)
+    expected = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(b), padding=1).numpy()
+    out = winograd.winograd_conv3x3(Tensor(x), Tensor(w), Tensor(b)).asnumpy()
+    assert out.shape == expected.shape
+    assert_close(out, expected)
+
+
+def test_large_convs_take_winograd_when_eager(vae, monkeypatch):
+    """With the size threshold at zero every eager 3x3 same-size conv on a multiple of 4 takes
+    the Winograd path, and decode and encode still equal diffusers; a compiled encoder keeps
+    im2col (the Winograd bands would unroll in its graph)."""
+    ours, reference, _ = vae
+    calls = []
+    monkeypatch.setattr(akl, "WINOGRAD_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(winograd, "BAND_PIXELS", 64)
+    conv = winograd.winograd_conv3x3
+    monkeypatch.setattr(winograd, "winograd_conv3x3", lambda *args: calls.append(args[0].shape) or conv(*args))
+    z = latents((2, 4, 8, 12), seed=5)  # a shape no other test decodes: runs eagerly
+    assert_close(ours.decode(Tensor(z)).asnumpy(), reference_decode(reference, z))
+    assert (2, 32, 16, 24) in calls  # the last up block's convs, at full size
+    x = images((1, 3, 16, 24), seed=5)
+    with torch.no_grad():
+        expected_mean = reference.encode(torch.tensor(x)).latent_dist.mean.numpy()
+        expected_moments = reference.encoder(torch.tensor(x)).numpy()
+    assert_close(ours.encode(Tensor(x)).mean.asnumpy(), expected_mean)
+    assert (1, 32, 16, 24) in calls
+    eager_calls = len(calls)
+    assert_close(ms.jit(ours.encoder)(Tensor(x)).asnumpy(), expected_moments)
+    assert len(calls) == eager_calls
 
 
 @pytest.mark.parametrize("shape, groups", [((2, 32, 8, 8), 8), ((3, 64, 6, 10), 32)])
