@@ -18,10 +18,14 @@ of each one's fresh memory) small. ``zero_pad`` serves both CPU convolution path
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 from mindspore.ops.primitive import constexpr
+
+from pixart.runtime import jit
 
 def _function_marker():
     return 0
@@ -85,7 +89,7 @@ def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     images = []
     for i in range(b):
         image = x[i:i + 1]
-        out = [_band_graph(image[:, :, r:r + rows + 2], kernels, bias) for r in range(0, bands * rows, rows)]
+        out = [_compiled_band()(image[:, :, r:r + rows + 2], kernels, bias) for r in range(0, bands * rows, rows)]
         images.append(ops.concat(out, axis=2) if bands > 1 else out[0])
     y = ops.concat(images, axis=0) if b > 1 else images[0]
     return (y[:, :, :h] if bands * rows > h else y).astype(weight.dtype)
@@ -124,4 +128,7 @@ def _band(rows, kernels, bias):
     return y.transpose(2, 3, 0, 4, 1).reshape(1, o, th * TILE, tw * TILE) + bias
 
 
-_band_graph = ms.jit(_band)
+@functools.lru_cache(maxsize=None)
+def _compiled_band():
+    """``_band`` compiled, with the options of --jit_level (set before the first conv runs)."""
+    return jit(_band)
