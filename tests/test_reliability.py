@@ -298,24 +298,26 @@ def tiny_checkpoint(root, step, optimizer=True):
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
-    import mindspore as ms
+    import errno
 
     from pixart.errors import OutputError
     from pixart.models.pixart import PixArtConfig
     from pixart.training import checkpoints
+    from pixart.utils import mindspore_ckpt
 
     config = PixArtConfig(input_size=8, depth=1, hidden_size=16, num_heads=2, caption_channels=8, model_max_length=2)
     weights = {"w": np.ones((2, 2), np.float32)}
     write = checkpoints.model_writer(config, weights, None)
     first = checkpoints.save_checkpoint(str(tmp_path), 1, write, {"adamw.step": np.array(1)}, {})
 
-    def full_disk(params, path, *args, **kwargs):
+    def full_disk(path, write_file):
         with open(path, "wb") as f:
             f.write(b"half")
-        raise RuntimeError("write failed: No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ms, "save_checkpoint", full_disk)
-    with pytest.raises(OutputError, match="could not write checkpoint .*step-00000002.*earlier checkpoints are intact"):
+    monkeypatch.setattr(mindspore_ckpt, "write_atomically", full_disk)
+    with pytest.raises(OutputError, match="could not write checkpoint .*step-00000002: No space left on device; "
+                                          "the earlier checkpoints are intact"):
         checkpoints.save_checkpoint(str(tmp_path), 2, write, {"adamw.step": np.array(2)}, {})
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000001"]
     assert checkpoints.load_checkpoint(first)["state"]["step"] == 1

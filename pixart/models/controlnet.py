@@ -17,13 +17,12 @@ a new ControlNet leaves the base's output exactly unchanged. Parameter names are
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
 from pixart.models.pixart import Conditioning, Linear, PixArt, PixArtBlock
+from pixart.utils.mindspore_ckpt import write_ckpt
 
 # the number of base blocks PixArt-δ copies for XL/2 (of 28)
 OFFICIAL_CONTROL_BLOCKS = 13
@@ -158,10 +157,4 @@ def load_control_pixart(base_model: PixArt, control_sd, source: str = "ControlNe
 
 def save_control_checkpoint(control_sd, path: str, dtype: str = "fp32") -> None:
     """The control branch as a MindSpore .ckpt (official names), written atomically."""
-    from pixart.runtime import ms_dtype
-    from pixart.utils.files import write_atomically
-
-    params = [{"name": k, "data": Tensor(np.asarray(v, np.float32)).astype(ms_dtype(dtype))}
-              for k, v in control_sd.items()]
-    # MindSpore appends .ckpt to a name without it: write to a .ckpt temporary, then move
-    write_atomically(path, lambda tmp: ms.save_checkpoint(params, tmp + ".ckpt") or os.replace(tmp + ".ckpt", tmp))
+    write_ckpt(path, control_sd, float_dtype=dtype)

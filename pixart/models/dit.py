@@ -147,7 +147,9 @@ class DiT(nn.Cell):
     official one is for its trained size), cond a ``ClassConditioning``."""
     conditioning = ClassConditioning
 
-    def __init__(self, config: DiTConfig, dtype=ms.float32, kernels: Optional[Kernels] = None):
+    def __init__(self, config: DiTConfig, dtype=ms.float32, kernels: Optional[Kernels] = None,
+                 initialize: bool = True):
+        """``initialize=False`` leaves the weights zero, for a loader that sets them all next."""
         super().__init__()
         self.config = cfg = config
         self.dtype = dtype
@@ -158,7 +160,8 @@ class DiT(nn.Cell):
         self.y_embedder = LabelEmbedder(cfg.num_classes, d)
         self.blocks = nn.CellList([DiTBlock(cfg, dtype, kernels) for _ in range(cfg.depth)])
         self.final_layer = DiTFinalLayer(d, cfg.patch_size, cfg.out_channels, dtype)
-        self.initialize_weights()
+        if initialize:
+            self.initialize_weights()
 
     def token_grid(self, x):
         _, _, hh, ww = x.shape

@@ -148,7 +148,7 @@ def load_dit(path: str, dtype=None, kernels=None, **overrides):
     sd, hints = read_dit_source(path)
     hints.update({k: v for k, v in overrides.items() if v is not None})
     config = infer_dit_config(sd, **hints)
-    model = DiT(config, dtype=dtype or ms.float32, kernels=kernels)
+    model = DiT(config, dtype=dtype or ms.float32, kernels=kernels, initialize=False)
     load_weights(model, sd, path)
     model.set_train(False)
     return model, config

@@ -16,7 +16,7 @@ import numpy as np
 
 from pixart.errors import ModelLoadError
 from pixart.models.pixart import PixArtConfig
-from pixart.utils.mindspore_ckpt import read_ckpt
+from pixart.utils.mindspore_ckpt import read_ckpt, write_ckpt
 
 StateDict = Dict[str, np.ndarray]
 
@@ -193,7 +193,7 @@ def infer_config(sd: StateDict, num_heads: Optional[int] = None, **given) -> Pix
 def expected_shapes(config: PixArtConfig) -> Dict[str, tuple]:
     """Parameter name -> shape of the model ``config`` describes (built without weights)."""
     from pixart.models.pixart import build_model  # MindSpore import only where needed
-    return {name: tuple(p.shape) for name, p in build_model(config).parameters_and_names()}
+    return {name: tuple(p.shape) for name, p in build_model(config, initialize=False).parameters_and_names()}
 
 
 def check_state_dict(sd: StateDict, expected: Dict[str, tuple], source: str = "checkpoint",
@@ -407,26 +407,12 @@ def diffusers_config(config: PixArtConfig) -> dict:
 CONFIG_KEY = PixArtConfig.checkpoint_key
 
 
-def save_mindspore_checkpoint(sd: StateDict, config, path: str, dtype: str = "fp32",
-                              extra: Optional[dict] = None) -> None:
-    """Write tensors plus the architecture (JSON under the config's ``checkpoint_key``:
-    ``pixart_config`` or ``dit_config``) as a ``.ckpt``, atomically: nothing appears at ``path``
-    unless the whole file was written."""
-    import mindspore as ms
-
-    from pixart.runtime import ms_dtype
-
-    params = [{"name": k, "data": ms.Tensor(np.asarray(v, np.float32)).astype(ms_dtype(dtype))} for k, v in sd.items()]
-    append = {config.checkpoint_key: json.dumps(config.to_dict())}
-    append.update(extra or {})
-    tmp = path + ".tmp.ckpt"  # MindSpore appends .ckpt to names without it
+def save_mindspore_checkpoint(sd: StateDict, config, path: str, dtype: str = "fp32") -> None:
+    """Write tensors (cast to ``dtype``) plus the architecture (JSON under the config's
+    ``checkpoint_key``: ``pixart_config`` or ``dit_config``) as a ``.ckpt``, atomically: nothing
+    appears at ``path`` unless the whole file was written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        ms.save_checkpoint(params, tmp, append_dict=append)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_ckpt(path, {**sd, config.checkpoint_key: json.dumps(config.to_dict())}, float_dtype=dtype)
 
 
 def read_mindspore_checkpoint(path: str) -> Tuple[StateDict, Optional[PixArtConfig]]:
@@ -465,7 +451,7 @@ def load_pixart(path: str, dtype=None, kernels=None, **overrides):
     hints.update({k: v for k, v in overrides.items() if v is not None})
     config = infer_config(sd, **hints)
     add_null_caption(sd, config)
-    model = build_model(config, dtype=dtype or ms.float32, kernels=kernels)
+    model = build_model(config, dtype=dtype or ms.float32, kernels=kernels, initialize=False)
     load_weights(model, sd, path)
     model.set_train(False)
     return model, config

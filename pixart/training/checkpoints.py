@@ -30,6 +30,7 @@ import numpy as np
 from pixart.errors import OutputError, PixArtError, TrainingError
 from pixart.models.pixart import PixArtConfig
 from pixart.models.pixart_checkpoint import save_mindspore_checkpoint
+from pixart.utils.mindspore_ckpt import write_ckpt
 
 logger = logging.getLogger("pixart.train")
 
@@ -154,8 +155,6 @@ def save_checkpoint(output_path: str, step: int, write_weights: Callable[[str], 
     """Write one checkpoint atomically (``write_weights(folder)`` writes the weights into it) and
     delete all but the newest ``keep_last``. A failure to write (a full disk) is an OutputError;
     the earlier checkpoints are left as they were."""
-    import mindspore as ms
-
     root = checkpoint_root(output_path)
     final = os.path.join(root, f"step-{step:08d}")
     partial = final + ".partial"
@@ -163,14 +162,13 @@ def save_checkpoint(output_path: str, step: int, write_weights: Callable[[str], 
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
         write_weights(partial)
-        ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in optimizer_state.items()],
-                           os.path.join(partial, "optimizer.ckpt"))
+        write_ckpt(os.path.join(partial, "optimizer.ckpt"), optimizer_state)
         with open(os.path.join(partial, "state.json"), "w") as f:
             json.dump({**state, "step": step}, f, indent=2)
         if os.path.isdir(final):
             _remove_folder(final)
         os.replace(partial, final)
-    except (OSError, RuntimeError) as e:  # MindSpore reports a failed write as a RuntimeError
+    except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise OutputError(f"could not write checkpoint {final}: {getattr(e, 'strerror', None) or e}; "
                           f"the earlier checkpoints are intact") from None
