@@ -81,7 +81,9 @@ def test_official_checkpoint_layout(tmp_path):
 
 
 def test_real_xl2_shapes():
-    """DiT-XL/2 at 256px, 675M parameters, random weights: ours equals diffusers'."""
+    """DiT-XL/2 at 256px, 675M parameters, random weights: ours equals diffusers', eagerly (the
+    compiled DiT equals the eager one in test_diffusers_folder_parity; compiling XL whole costs
+    minutes and 16 GB here)."""
     in_fresh_process(check_real_xl2_shapes)
 
 
@@ -96,7 +98,7 @@ def check_real_xl2_shapes():
     # the official 675,129,632 counts the fixed 256 x 1152 sin-cos pos_embed, which we compute instead
     assert sum(int(np.prod(p.shape)) for p in ours.get_parameters()) == 675_129_632 - 256 * 1152
     x, t, labels = inputs(batch=2, size=32, num_classes=1000)
-    assert_close(run_ours(ours, x, t, labels[:2], compiled=True), run_theirs(theirs, x, t, labels[:2]))
+    assert_close(run_ours(ours, x, t, labels[:2]), run_theirs(theirs, x, t, labels[:2]))
 
 
 @pytest.fixture(scope="module")

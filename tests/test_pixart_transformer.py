@@ -138,7 +138,10 @@ def test_fixed_size_pixart_refuses_other_sizes(tmp_path):
 
 
 def test_real_xl2_configuration_at_256px(tmp_path):
-    """The real PixArt-Σ XL/2 shape (610,856,096 parameters) at 256px (32x32 latents)."""
+    """The real PixArt-Σ XL/2 shape (610,856,096 parameters) at 256px (32x32 latents), streamed:
+    compiled block by block. The whole-model graph equals streamed and eager on the small models
+    above; at XL it costs 120-145 s to compile and 16.5 GB here, and bench_transformer compares it
+    with diffusers at this size."""
     in_fresh_process(check_real_xl2_configuration, tmp_path)
 
 
@@ -161,4 +164,4 @@ def check_real_xl2_configuration(tmp_path):
     x, t, y, mask = ref.make_inputs(batch=2, height=32, width=32, tokens=300, caption=4096)
     expected = ref.run_diffusers(torch_model, x, t, y, mask)
     del torch_model
-    assert_close(run_ours(model, x, t, y, mask, mode="graph"), expected)
+    assert_close(run_ours(model, x, t, y, mask, mode="streamed"), expected)
