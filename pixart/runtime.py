@@ -14,7 +14,8 @@ from typing import Optional, Tuple
 
 from pixart.errors import ConfigError
 
-DTYPE_NAMES = ("auto", "fp32", "fp16", "bf16")
+STORAGE_DTYPES = ("fp32", "fp16", "bf16")  # what weights can be stored as
+DTYPE_NAMES = ("auto", *STORAGE_DTYPES)  # what a run can compute in ("auto": the device's choice)
 DEVICES = ("CPU", "GPU", "Ascend")
 JIT_LEVELS = ("O0", "O1", "O2")
 # ms.jit options of every compiled function, set once by setup_device from --jit_level
@@ -27,7 +28,7 @@ def ms_dtype(name: str):
 
     table = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
     if name not in table:
-        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}")
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(STORAGE_DTYPES)}")
     return table[name]
 
 

@@ -152,3 +152,11 @@ def test_reverse_ckpt_to_diffusers_folder(tmp_path):
 def test_help():
     proc = subprocess.run([sys.executable, "tools/convert.py", "-h"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "--source" in proc.stdout and "--ema" in proc.stdout
+
+
+def test_a_dtype_weights_cannot_be_stored_in_is_refused_before_reading(tmp_path):
+    proc = subprocess.run([sys.executable, "tools/convert.py", "--source", str(tmp_path / "absent.pth"), "--target",
+                           str(tmp_path / "out.ckpt"), "--dtype", "auto"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "argument --dtype: invalid choice: 'auto'" in proc.stderr.strip().splitlines()[-1]  # after the usage
+    assert list(tmp_path.iterdir()) == []

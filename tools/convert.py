@@ -21,7 +21,7 @@ from pixart.cli import entry_point, non_negative_int, positive_int
 from pixart.models.pixart_checkpoint import (
     add_null_caption, check_state_dict, diffusers_config, expected_shapes, infer_config, official_to_diffusers,
     read_source, save_mindspore_checkpoint)
-from pixart.runtime import DTYPE_NAMES
+from pixart.runtime import STORAGE_DTYPES
 from pixart.utils.files import refuse_existing
 
 
@@ -45,7 +45,7 @@ def parse_args(argv=None):
                    help="layers with ave/uniform KV compression (conv layers are detected from the weights)")
     p.add_argument("--fixed_size", action="store_true",
                    help="PixArt (square input_size only, as the Σ 256px checkpoint) rather than PixArtMS")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the written weights")
+    p.add_argument("--dtype", choices=STORAGE_DTYPES, default="fp32", help="dtype of the written weights")
     p.add_argument("--lora_path", nargs="+", action="extend", default=None,
                    help="LoRA adapter(s) to bake into the weights (PEFT folder or single .safetensors), e.g. to "
                         "write a standalone finetune or export one to diffusers")

@@ -197,7 +197,7 @@ def _entry_header(tag: str, dims: List[int], tensor_type: str, content_length: i
     return _key(1, _LENGTH_DELIMITED) + _varint_bytes(len(value) + content_length) + value
 
 
-def float_bits(array: np.ndarray, dtype: str) -> Tuple[str, np.ndarray]:
+def _float_bits(array: np.ndarray, dtype: str) -> Tuple[str, np.ndarray]:
     """(MindSpore type name, array of the stored bits) of float ``array`` cast to ``fp32``,
     ``fp16`` or ``bf16`` as MindSpore's Cast does: rounding to nearest even, and a NaN becoming
     the canonical quiet NaN (keeping its sign in fp16, not in bf16)."""
@@ -235,7 +235,7 @@ def write_ckpt(path: str, entries: Dict[str, Union[np.ndarray, str]], float_dtyp
                     array = np.asarray(value)
                     dims = list(array.shape)
                     if float_dtype is not None and np.issubdtype(array.dtype, np.floating):
-                        tensor_type, array = float_bits(array, float_dtype)
+                        tensor_type, array = _float_bits(array, float_dtype)
                     elif array.dtype in _MINDSPORE_NAMES:
                         tensor_type = _MINDSPORE_NAMES[array.dtype]
                     else:
