@@ -3,6 +3,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# pytest-xdist workers for `make test`: much of the suite is single-threaded (graph compiles, start-up
+# of train.py, msrun and web-demo processes), so two workers use both cores of a 2-core machine;
+# tests/conftest.py makes each test file one unit of work
+TEST_WORKERS ?= 2
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP := $(VENV)/.test-installed
 
@@ -33,7 +37,7 @@ demo: $(RUNTIME_STAMP)
 	$(PY) sample.py -c configs/inference/pixart-digits.yaml
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -499,11 +499,10 @@ def test_cache_features_under_msrun_writes_the_single_process_entries(tmp_path):
     the very entries of one process, and rank 0 counts them all. One image per VAE batch: CPU
     convolutions of batches of other sizes differ in the last bits (about 2e-6), which is not
     what is tested here."""
-    import socket
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, run_msrun
 
     data = tmp_path / "digits"
     subprocess.run([sys.executable, "-m", "tools.digits.prepare", "--limit", "2", "--heldout_per_digit", "1",
@@ -514,15 +513,7 @@ def test_cache_features_under_msrun_writes_the_single_process_entries(tmp_path):
     proc = subprocess.run([sys.executable, "tools/cache_features.py", *args, "--feature_cache", str(single)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with socket.socket() as s:  # a free port: other msrun jobs on this machine keep theirs
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    proc = subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={port}",
-                           f"--log_dir={logs}", "--join=True", "tools/cache_features.py", *args, "--feature_cache",
-                           str(parallel)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    worker_logs = {f: (logs / f).read_text() for f in os.listdir(logs) if f.startswith("worker")}
-    assert proc.returncode == 0, proc.stderr[-2000:] + "\n".join(v[-2000:] for v in worker_logs.values())
+    worker_logs = run_msrun(["tools/cache_features.py", *args, "--feature_cache", parallel], logs, timeout=600)
 
     def entries(folder):
         return sorted(os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder)

@@ -10,7 +10,6 @@ downloads a browser. A screenshot is left in test-artifacts/gradio_demo.png.
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -43,12 +42,6 @@ def tiny_model(tmp_path_factory, shared_dir):
                     "--model_max_length", "300"], cwd=ROOT, check=True, capture_output=True)
     return dict(ckpt=ckpt, vae=folder / "vae", text_encoder=folder / "text_encoder",
                 tokenizer=tokenizer)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def answers(url: str) -> bool:
@@ -216,10 +209,11 @@ def test_two_pages_at_once_get_their_own_results(open_page, server):
     saved_after = saved_pngs(server)
     assert set(saved_before) < set(saved_after) and len(saved_after) == len(saved_before) + 2, "overwritten or lost"
 
-    # page b now asks for a's settings: the same seed and settings give the same image
+    # page b now asks for a's settings: the same seed and settings give the same image, to the level
+    # (the second decode of a shape runs compiled, which may move a value by one level: README, VAE)
     fill_form(b, "a red apple", seed=11, width=96, height=64)
     _, _, again = wait_for_result(b, server, start_generation(b))
-    assert np.array_equal(again[0], images_a[0]), "same seed and settings gave a different image"
+    assert np.abs(again[0].astype(int) - images_a[0]).max() <= 1, "same seed and settings gave a different image"
 
 
 def test_bad_input_is_answered_in_the_page_and_the_server_goes_on(open_page, server):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_msrun
 
 TINY_MODEL = {"depth": 2, "hidden_size": 64, "num_heads": 4, "caption_channels": 32, "model_max_length": 16,
               "input_size": 8, "pe_interpolation": 0.125}
@@ -158,12 +158,13 @@ def read_log(output):
 
 def test_loss_goes_down(workspace, tmp_path):
     out = tmp_path / "run"
-    train(workspace, out, "--feature_cache", workspace["cache"], "--max_steps", "300", "--ckpt_every", "1000")
+    # measured: the mean loss of steps 71-100 is 0.16x that of steps 1-30 (0.22x at step 300)
+    train(workspace, out, "--feature_cache", workspace["cache"], "--max_steps", "100", "--ckpt_every", "1000")
     losses = np.array([float(r["loss"]) for r in read_log(out)])
-    assert len(losses) == 300
+    assert len(losses) == 100
     first, last = losses[:30].mean(), losses[-30:].mean()
     assert last < 0.7 * first, f"loss did not fall: first 30 steps {first:.4f}, last 30 {last:.4f}"
-    assert os.path.isfile(out / "checkpoints" / "step-00000300" / "ema.ckpt")
+    assert os.path.isfile(out / "checkpoints" / "step-00000100" / "ema.ckpt")
 
 
 def test_images_and_cache_train_the_same(workspace, reference_run, tmp_path):
@@ -223,19 +224,14 @@ def test_two_workers_match_one_process(workspace, base_checkpoint, reference_run
     single, parallel = reference_run(kind), tmp_path / "parallel"  # one process, batch 4
     common = ["--feature_cache", workspace["cache"], "--max_steps", "4", "--ckpt_every", "4",
               *kind_args(kind, base_checkpoint)]
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     logs = tmp_path / "msrun_logs"
     # rank 0 alone validates, then both ranks meet in a barrier; it must change nothing of the training
     validation = ["--validation_every", "2", "--validation_prompts", "a cat", "--validation_steps", "2"] \
         if kind == "full" else []
     # the LoRA and LCM workers compile one graph for every bucket: still the single process's training
     dynamic = ["--dynamic_shapes", "true"] if kind != "full" else []
-    proc = subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--log_dir={logs}", "--join=True",
-                           "train.py", "-c", str(workspace["config"]), "--output_path", str(parallel), *map(str, common),
-                           *validation, *dynamic, "--batch_size", "2", "--use_parallel", "True"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    worker_logs = {f: open(os.path.join(logs, f)).read() for f in os.listdir(logs) if f.startswith("worker")}
-    assert proc.returncode == 0, proc.stderr[-2000:] + "\n".join(v[-2000:] for v in worker_logs.values())
+    worker_logs = run_msrun(["train.py", "-c", workspace["config"], "--output_path", parallel, *common, *validation,
+                             *dynamic, "--batch_size", "2", "--use_parallel", "True"], logs)
     assert max_diff(*(without_key_biases(final_weights(out, 4)) for out in (single, parallel))) < 1e-5
     if validation:
         assert sorted(os.listdir(parallel / "validation")) == ["step-00000002", "step-00000004"]
