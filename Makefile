@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # pytest-xdist workers for `make test`: much of the suite is single-threaded (graph compiles, start-up
 # of train.py, msrun and web-demo processes), so two workers use both cores of a 2-core machine;
-# tests/conftest.py makes each test file one unit of work
+# --dist loadfile keeps each test file on one worker (tests/conftest.py puts the longest first)
 TEST_WORKERS ?= 2
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP := $(VENV)/.test-installed

@@ -5,9 +5,9 @@
 for every latent height and width; then all-reduce of the gradients across ranks + clipping by
 global norm + optimizer + EMA, as one graph for every shape (its inputs are shaped as the
 parameters). The update is most of a compile (the tiny test model's AdamW step: 13 of 18.5 s),
-so a further bucket costs only its forward and backward. With gradient accumulation, ``accumulate`` runs forward and
-backward of the other micro-batches and adds their gradients to buffers that ``update``
-consumes. fp16 scales the loss dynamically and skips steps whose gradients overflow.
+so a further bucket costs only its forward and backward. With gradient accumulation,
+``accumulate`` runs forward and backward of the other micro-batches and adds their gradients to
+buffers that ``update`` consumes. fp16 scales the loss dynamically and skips steps whose gradients overflow.
 """
 from __future__ import annotations
 
