@@ -9,8 +9,8 @@ Same machine, one run, both timed end to end from initial latents to uint8 image
     python -m benchmarks.bench_sampling                # 512px, 20 steps
     python -m benchmarks.bench_sampling --size 256 --steps 10 --mode graph
 
-Our denoiser runs in ``--mode streamed`` by default: a whole-model graph of XL at 512px
-needs about 28 GB on CPU (see bench_transformer.py); ``graph`` suits 256px or accelerators.
+Our denoiser runs in ``--mode streamed`` by default, the mode whose memory does not grow with
+the depth; ``--mode graph`` fits too (XL/2 at 512px: 8.4 GiB, bench_forward_memory.py).
 """
 import argparse
 import os

@@ -7,9 +7,8 @@ medians, the ratio ours/theirs (<= 1.0 means we are not slower), and achieved GF
 to the fp32 GEMM peak each framework reaches in this run on an XL-sized matmul.
 
 Our two compiled modes: ``graph`` (the whole model one graph) and ``streamed`` (one block
-graph that every block's weights run through; ``sample.py --mode streamed``). On CPU a
-whole-model graph keeps about 1 GB per XL block at 512px, more than this machine's 24 GB, so
-``graph`` is timed only up to ``--graph_max_size``.
+graph that every block's weights run through; ``sample.py --mode streamed``). ``graph`` is
+timed up to ``--graph_max_size`` (XL/2 at 512px needs 8.4 GiB on CPU: bench_forward_memory.py).
 
     python -m benchmarks.bench_transformer                 # 256px and 512px
     python -m benchmarks.bench_transformer --sizes 256 --repeats 5 --modes graph
@@ -35,6 +34,18 @@ def forward_flops(tokens: int, caption_tokens: int = 300, hidden: int = 1152, de
     return batch * (depth * per_block + outside)
 
 
+def forward_inputs(lat: int):
+    """(latents (2, 4, lat, lat), timesteps (2,), caption embeddings (2, 300, 4096), caption mask
+    (2, 300) with 40 kept tokens) as NumPy arrays: a guided pair's inputs."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, lat, lat)).astype(np.float32)
+    t = np.array([500.0, 500.0], np.float32)
+    y = rng.standard_normal((2, 300, 4096)).astype(np.float32)
+    mask = np.ones((2, 300), np.int64)
+    mask[:, 40:] = 0
+    return x, t, y, mask
+
+
 def timed(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -51,8 +62,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both frameworks")
     ap.add_argument("--modes", nargs="+", choices=["graph", "streamed"], default=["graph", "streamed"],
                     help="our execution modes to time (default: both)")
-    ap.add_argument("--graph_max_size", type=int, default=256,
-                    help="largest size timed in whole-model graph mode (default 256: 512px needs ~28 GB on CPU)")
+    ap.add_argument("--graph_max_size", type=int, default=512,
+                    help="largest size timed in whole-model graph mode (default 512)")
     args = ap.parse_args()
 
     import mindspore as ms
@@ -103,12 +114,7 @@ def main():
     rows = []
     for size in args.sizes:
         lat = size // 8
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((2, 4, lat, lat)).astype(np.float32)
-        t = np.array([500.0, 500.0], np.float32)
-        y = rng.standard_normal((2, 300, 4096)).astype(np.float32)
-        mask = np.ones((2, 300), np.int64)
-        mask[:, 40:] = 0
+        x, t, y, mask = forward_inputs(lat)
         ms_args = [ms.Tensor(v) for v in (x, t, y, mask)]
         th_args = dict(hidden_states=torch.from_numpy(x), timestep=torch.from_numpy(t),
                        encoder_hidden_states=torch.from_numpy(y), encoder_attention_mask=torch.from_numpy(mask),

@@ -276,6 +276,24 @@ def zeros_parameter(shape, name: str) -> Parameter:
     return Parameter(initializer("zeros", shape, ms.float32), name=name)
 
 
+def dense(x, weight, bias=None):
+    """``x W^T + b``, (..., in) -> (..., out), the bias added by ``BiasAdd`` over the rows of a 2-D
+    view. Not ``ops.dense(x, w, b)`` nor ``+ b``: in a compiled graph, MindSpore 2.10's CPU kernel
+    for a binary op that broadcasts keeps a buffer of its output's size for the life of the graph
+    (``broadcast_as``), which at XL/2 512px made up a third of the forward's memory."""
+    y = ops.dense(x, weight)
+    if bias is None:
+        return y
+    return ops.bias_add(y.reshape(-1, y.shape[-1]), bias).reshape(y.shape)
+
+
+def broadcast_as(v, x):
+    """``v`` broadcast to ``x``'s shape, for a binary op with ``x``: MindSpore 2.10's CPU kernels
+    for binary ops that broadcast keep a buffer of their output's size for the life of a compiled
+    graph, and ran 1.5x slower than ``BroadcastTo`` plus a same-shape op (measured on (2, 1024, 1152))."""
+    return ops.broadcast_to(v, x.shape)
+
+
 class Linear(AdapterSlot):
     """``y = x W^T + b`` with torch's parameter names and layout, (..., in) -> (..., out).
 
@@ -296,7 +314,7 @@ class Linear(AdapterSlot):
             x = x.astype(self.compute_dtype)
             w = w.astype(self.compute_dtype)
             b = None if b is None else b.astype(self.compute_dtype)
-        return self.adapted(x, ops.dense(x, w, b))
+        return self.adapted(x, dense(x, w, b))
 
 
 class ConvWeights(AdapterSlot):
@@ -464,7 +482,7 @@ class CrossAttention(nn.Cell):
 
 def modulate(x, shift, scale):
     """adaLN modulation: x (B, N, D), shift/scale (B, 1, D)."""
-    return x * (1 + scale) + shift
+    return x * broadcast_as(1 + scale, x) + broadcast_as(shift, x)
 
 
 class PixArtBlock(nn.Cell):
@@ -493,9 +511,9 @@ class PixArtBlock(nn.Cell):
         b = x.shape[0]
         mod = self.scale_shift_table.astype(x.dtype) + t6.reshape(b, 6, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(mod, 1, axis=1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), h, w)
+        x = x + broadcast_as(gate_msa, x) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), h, w)
         x = x + self.cross_attn(x, caption, caption_bias)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + broadcast_as(gate_mlp, x) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
@@ -583,7 +601,7 @@ class PatchEmbed(nn.Cell):
         w = self.proj.weight.reshape(self.proj.weight.shape[0], -1)
         dt = self.compute_dtype
         patches = patches.astype(dt)
-        return self.proj.adapted(patches, ops.dense(patches, w.astype(dt), self.proj.bias.astype(dt)))
+        return self.proj.adapted(patches, dense(patches, w.astype(dt), self.proj.bias.astype(dt)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -819,8 +837,8 @@ def block_template(model: PixArt, kv_ratio: int):
 class BlockStreamedForward:
     """Compiled forward of a PixArt model with the memory of one block: ``model(...)``'s result.
 
-    A whole-model graph on MindSpore's CPU runtime keeps a buffer for every intermediate of
-    every block (about 1 GB per XL block at 512px, 28 GB in all). Here the embeddings, one
+    A whole-model graph on MindSpore 2.10's CPU runtime keeps some kernels' buffers for its
+    life (XL/2 at 512px: 8.4 GiB for the model, see ``broadcast_as``). Here the embeddings, one
     block and the head are separate graphs, and the block graph takes a block's weights as
     inputs and copies them into a template block before running it, so all blocks share one
     compiled graph and one set of buffers. Each block costs one graph launch and a copy of its

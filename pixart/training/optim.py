@@ -56,6 +56,10 @@ __all__ = [
 ]
 
 _hyper_map = ops.HyperMap()
+# Division as the RealDiv primitive, not ``/`` (MindSpore 2.10's Div): in a compiled graph the CPU
+# Div kernel keeps a buffer four times its output's size for the life of the graph, which made
+# AdamW's update hold about 11 weight-sized buffers per weight (RealDiv divides bit for bit alike).
+divide = ops.RealDiv()
 
 
 # ------------------------------------------------------------------------------- shared plumbing
@@ -200,7 +204,7 @@ class _Optimizer(nn.Cell):
 # ------------------------------------------------------------------------------------------ CAME
 
 def _rms(x: Tensor) -> Tensor:
-    return ops.sqrt(_sum_all(x * x) / x.size)
+    return ops.sqrt(divide(_sum_all(x * x), x.size))
 
 
 def _sum_all(x: Tensor) -> Tensor:
@@ -212,7 +216,7 @@ def _sum_all(x: Tensor) -> Tensor:
 def _mean_over(x: Tensor, axis: int) -> Tensor:
     """``ops.mean(x, axis)`` as a sum: MindSpore 2.10's CPU ReduceMean over any axis but the
     last runs ~10x slower than ReduceSum over it."""
-    return ops.sum(x, axis) / x.shape[axis]
+    return divide(ops.sum(x, axis), x.shape[axis])
 
 
 def _ema_of(avg: Tensor, new: Tensor, beta: Tensor, one_minus_beta: Tensor) -> Tensor:
@@ -224,8 +228,10 @@ def _ema_of(avg: Tensor, new: Tensor, beta: Tensor, one_minus_beta: Tensor) -> T
 def _factored_rsqrt(row: Tensor, col: Tensor) -> Tensor:
     """Rank-1 estimate of 1/sqrt(v) from v's row and column means (Adafactor's
     v ~= outer(row, col) / mean(row)): row (..., R), col (..., C) -> (..., R, C)."""
-    r_factor = ops.rsqrt(row / ops.expand_dims(_mean_over(row, -1), -1))
-    return ops.expand_dims(r_factor, -1) * ops.expand_dims(ops.rsqrt(col), -2)
+    r_factor = ops.rsqrt(divide(row, ops.expand_dims(_mean_over(row, -1), -1)))
+    # an outer product as a matmul over a length-1 axis: one product per element, as the
+    # broadcasting Mul's, without the buffer its CPU kernel keeps (pixart.models.pixart.broadcast_as)
+    return ops.matmul(ops.expand_dims(r_factor, -1), ops.expand_dims(ops.rsqrt(col), -2))
 
 
 def _stepped(param: Tensor, update: Tensor, lr: Tensor, weight_decay: Tensor, decays: bool) -> Tensor:
@@ -256,7 +262,7 @@ def _came_factored_values(hparams, lr, param, grad, exp_avg, sq_row, sq_col, res
     new_sq_row = _ema_of(sq_row, _mean_over(sq, -1), beta2, rest2)
     new_sq_col = _ema_of(sq_col, _mean_over(sq, -2), beta2, rest2)
     update = _factored_rsqrt(new_sq_row, new_sq_col) * grad
-    update = update / ops.maximum(_rms(update) / clip_threshold, 1.0)
+    update = divide(update, ops.maximum(divide(_rms(update), clip_threshold), 1.0))
     new_exp_avg = _ema_of(exp_avg, update, beta1, rest1)
     # Confidence: how far this step's update strays from the momentum it feeds.
     res = ops.square(update - new_exp_avg) + eps2
@@ -278,7 +284,7 @@ def _came_vector_values(hparams, lr, param, grad, exp_avg, exp_avg_sq):
     beta1, rest1, beta2, rest2, _, _, eps1, _, clip_threshold, weight_decay, decays = hparams
     new_exp_avg_sq = _ema_of(exp_avg_sq, grad * grad + eps1, beta2, rest2)
     update = ops.rsqrt(new_exp_avg_sq) * grad
-    update = update / ops.maximum(_rms(update) / clip_threshold, 1.0)
+    update = divide(update, ops.maximum(divide(_rms(update), clip_threshold), 1.0))
     new_exp_avg = _ema_of(exp_avg, update, beta1, rest1)
     return _stepped(param, new_exp_avg, lr, weight_decay, decays), new_exp_avg, new_exp_avg_sq
 
@@ -430,8 +436,8 @@ def _adamw_values(hparams, lr, bias_correction1, bias_correction2_sqrt, param, g
     new_param = param * (1.0 - lr * weight_decay) if decays else param
     new_exp_avg = exp_avg + (grad - exp_avg) * rest1  # torch's lerp, same rounding
     new_exp_avg_sq = exp_avg_sq * beta2 + grad * grad * rest2
-    denom = ops.sqrt(new_exp_avg_sq) / bias_correction2_sqrt + eps
-    new_param = new_param - (new_exp_avg / denom) * (lr / bias_correction1)
+    denom = divide(ops.sqrt(new_exp_avg_sq), bias_correction2_sqrt) + eps
+    new_param = new_param - divide(new_exp_avg, denom) * divide(lr, bias_correction1)
     return new_param, new_exp_avg, new_exp_avg_sq
 
 
@@ -537,7 +543,7 @@ def clip_grad_norm(grads: Tuple[Tensor, ...], max_norm: float) -> Tuple[Tuple[Te
 def clip_coefficient(norms: Sequence[Tensor], max_norm: float) -> Tuple[Tensor, Tensor]:
     """(min(1, max_norm / (total + 1e-6)), total) from the gradients' ``grad_norms``."""
     total = ops.sqrt(ops.sum(ops.square(ops.stack(norms))))
-    return ops.minimum(max_norm / (total + 1e-6), 1.0), total
+    return ops.minimum(divide(max_norm, total + 1e-6), 1.0), total
 
 
 def grad_norms(grads: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:

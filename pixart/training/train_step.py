@@ -21,7 +21,7 @@ from pixart.diffusion.objectives import DiffusionObjective
 from pixart.errors import ConfigError
 from pixart.models.pixart import use_symbolic_grid
 from pixart.runtime import jit
-from pixart.training.optim import EMA, clip_grad_norm
+from pixart.training.optim import EMA, clip_grad_norm, divide
 
 BATCH_FIELDS = ("x0", "t", "noise")  # then the model's conditioning fields: the compiled step's inputs, in order
 
@@ -37,7 +37,7 @@ def _add_into_one(buffer, grad):
 @_mean_and_clear.register("Number", "Tensor", "Tensor")
 def _mean_and_clear_one(count, buffer, grad):
     """(buffered + this micro-batch's gradient) / count, and empty the buffer."""
-    total = (buffer + grad) / count
+    total = divide(buffer + grad, count)
     return ops.depend(total, ops.assign(buffer, ops.zeros_like(buffer)))
 
 
