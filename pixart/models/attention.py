@@ -74,7 +74,8 @@ class LastAxisSoftmax(nn.Cell):
     def bprop(self, x, out, dout):
         n = x.shape[-1]
         y, g = out.reshape(-1, n), dout.reshape(-1, n)
-        return ((g - (g * y).sum(-1, keepdims=True)) * y).reshape(x.shape),
+        # the row sums broadcast explicitly: see pixart.models.pixart.broadcast_as
+        return ((g - ops.broadcast_to((g * y).sum(-1, keepdims=True), g.shape)) * y).reshape(x.shape),
 
 
 _softmax = LastAxisSoftmax()
