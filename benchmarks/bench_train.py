@@ -6,9 +6,9 @@ fp32: diffusers' PixArtTransformer2DModel + torch.optim.AdamW against our step w
 CAME, what PixArt-Σ uses), compiled (graph), block by block (streamed, train.py --mode streamed)
 and eager (pynative). Each runs in its own process (both at once would not fit in memory), same
 machine, one run; medians after warm-up; peak resident memory of each. A run that dies (out of
-memory) is reported as such. On CPU, MindSpore 2.10's one-graph train step keeps a buffer for
-every intermediate (about 1.7 GB per XL block at 256px), so the full 28 blocks fit in 24 GB only
-streamed: ``--depth 4`` times the graph mode at a depth that fits,
+memory) is reported as such. On CPU, MindSpore 2.10's one-graph train step keeps some kernels'
+buffers for the life of the graph (depth 4: 4.5 GiB against PyTorch's 2.4), so the full 28 blocks
+fit in 24 GB only streamed: ``--depth 4`` times the graph mode at a depth that fits,
 ``--depth 28 --modes streamed`` the full model.
 
 Part 2 — images/s of train.py on a small synthetic dataset with the VAE and a T5 encoder
