@@ -1,12 +1,13 @@
-"""The cells with their own backward (written for speed on CPU) give torch's gradients, eagerly
-and compiled: the attention softmax and the affine-free LayerNorm of the transformer blocks."""
+"""The cells with their own backward (written for speed and memory on CPU) give torch's gradients,
+eagerly and compiled: the attention matmuls and softmax, and the affine-free LayerNorm of the
+transformer blocks."""
 import numpy as np
 import pytest
 import torch
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from pixart.models.attention import LastAxisSoftmax
+from pixart.models.attention import LastAxisSoftmax, math_attention
 from pixart.models.pixart import LayerNorm
 
 ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -56,3 +57,31 @@ def test_layer_norm_backward_matches_torch(compiled, shape, eps):
     w = rng.standard_normal(shape).astype(np.float32)
     expected = torch_gradient(lambda t: torch.nn.functional.layer_norm(t, shape[-1:], eps=eps), x, w)
     np.testing.assert_allclose(gradient(LayerNorm(shape[-1], eps=eps), x, w, compiled), expected, atol=1e-5)
+
+
+class AttentionLoss(nn.Cell):
+    """sum(attention(q, k, v, bias) * w)."""
+
+    def construct(self, q, k, v, bias, w):
+        return (math_attention(q, k, v, bias) * w).sum()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_attention_backward_matches_torch(compiled):
+    rng = np.random.default_rng(2)
+    b, heads, nq, nk, d = 2, 3, 5, 7, 8
+    q, k, v = (rng.standard_normal(shape).astype(np.float32)
+               for shape in ((b, heads, nq, d), (b, heads, nk, d), (b, heads, nk, d)))
+    bias = np.where(rng.random((b, 1, 1, nk)) < 0.3, -1e4, 0.0).astype(np.float32)
+    w = rng.standard_normal((b, heads, nq, d)).astype(np.float32)
+    grad = ms.grad(AttentionLoss(), grad_position=(0, 1, 2))
+
+    def run(*args):
+        return grad(*args)
+
+    ours = (ms.jit(run) if compiled else run)(*(Tensor(a) for a in (q, k, v, bias, w)))
+    qt, kt, vt = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=torch.tensor(bias, dtype=torch.float64))
+    (out * torch.tensor(w, dtype=torch.float64)).sum().backward()
+    for got, expected in zip(ours, (qt.grad, kt.grad, vt.grad)):
+        np.testing.assert_allclose(got.asnumpy(), expected.numpy(), atol=1e-5)

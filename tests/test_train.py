@@ -196,6 +196,14 @@ def test_dynamic_shapes_and_streamed_mode_train_as_one_graph_per_bucket(workspac
         assert not streamed.exists()
 
 
+def test_recompute_trains_as_without(workspace, base_checkpoint, reference_run, tmp_path):
+    """--recompute (activation checkpointing, with LoRA adapters inside the recomputed cells)."""
+    out = tmp_path / "recompute"
+    train(workspace, out, "--feature_cache", workspace["cache"], "--max_steps", "2", *kind_args("lora", base_checkpoint),
+          "--recompute", "true")
+    assert max_diff(final_weights(reference_run("lora"), 2), final_weights(out, 2)) < 1e-6
+
+
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_kill_and_resume_matches_uninterrupted(workspace, base_checkpoint, reference_run, tmp_path, kind):
     straight, interrupted = reference_run(kind), tmp_path / "interrupted"

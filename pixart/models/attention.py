@@ -50,9 +50,44 @@ def math_attention(q, k, v, bias=None, budget: Optional[int] = None):
     return ops.concat(outs, axis=2)
 
 
-# q k^T without transposing k: in a compiled graph MindSpore 2.10's CPU Transpose kernel keeps
-# a buffer twice its output's size for the life of the graph (18 MB a call at XL/2 512px).
-_scores = ops.BatchMatMul(transpose_b=True)
+class _Scores(nn.Cell):
+    """q k^T for (..., Nq, d) and (..., Nk, d), by BatchMatMul(transpose_b) rather than a
+    Transpose of k, and with its own backward: in a compiled graph MindSpore 2.10's CPU Transpose
+    kernel keeps a buffer twice its output's size for the life of the graph (18 MB a call at
+    XL/2 512px), and the autodiff of BatchMatMul kept more than the two matmuls below need."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmul_nt = ops.BatchMatMul(transpose_b=True)
+        self.matmul = ops.BatchMatMul()
+        self.matmul_tn = ops.BatchMatMul(transpose_a=True)
+
+    def construct(self, q, k):
+        return self.matmul_nt(q, k)
+
+    def bprop(self, q, k, out, dout):
+        return self.matmul(dout, k), self.matmul_tn(dout, q)
+
+
+class _WeightedValues(nn.Cell):
+    """p v for (..., Nq, Nk) and (..., Nk, d), with its backward written as matmuls with
+    transpose flags (see ``_Scores``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmul = ops.BatchMatMul()
+        self.matmul_nt = ops.BatchMatMul(transpose_b=True)
+        self.matmul_tn = ops.BatchMatMul(transpose_a=True)
+
+    def construct(self, p, v):
+        return self.matmul(p, v)
+
+    def bprop(self, p, v, out, dout):
+        return self.matmul_nt(dout, v), self.matmul_tn(p, dout)
+
+
+_scores = _Scores()
+_weighted_values = _WeightedValues()
 
 
 def _attend(q, k, v, bias):
@@ -60,7 +95,7 @@ def _attend(q, k, v, bias):
     if bias is not None:
         # broadcast explicitly: see pixart.models.pixart.broadcast_as
         scores = scores + ops.broadcast_to(bias, scores.shape)
-    return ops.matmul(_softmax(scores).astype(v.dtype), v)
+    return _weighted_values(_softmax(scores).astype(v.dtype), v)
 
 
 class LastAxisSoftmax(nn.Cell):

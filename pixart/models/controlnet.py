@@ -74,6 +74,12 @@ class ControlPixArt(nn.Cell):
     def config(self):
         return self.base_model.config
 
+    def enable_recompute(self):
+        """Activation checkpointing per block, base and control branch."""
+        self.base_model.enable_recompute()
+        for control in self.controlnet:
+            control.copied_block.enable_recompute()
+
     def copy_base_blocks(self) -> None:
         """Initialise the control blocks from the base blocks they copy (a new ControlNet)."""
         for i, control in enumerate(self.controlnet):

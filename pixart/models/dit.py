@@ -119,6 +119,12 @@ class DiTBlock(nn.Cell):
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), dim, compute_dtype, kernels)
         self.adaLN_modulation = ada_ln_modulation(dim, 6, compute_dtype)
 
+    def enable_recompute(self):
+        """Recompute the attention and MLP activations in the backward pass (see
+        ``PixArtBlock.enable_recompute``)."""
+        for branch in (self.attn, self.mlp):
+            branch.recompute()
+
     def construct(self, x, c, h: int, w: int):
         """x (B, N, D), c (B, D) -> (B, N, D)."""
         mod = self.adaLN_modulation(c).astype(x.dtype)[:, None]
@@ -187,7 +193,7 @@ class DiT(nn.Cell):
     def enable_recompute(self):
         """Activation checkpointing per block."""
         for block in self.blocks:
-            block.recompute()
+            block.enable_recompute()
 
     def adapter_slots(self):
         return linear_slots(self)

@@ -508,6 +508,14 @@ class PixArtBlock(nn.Cell):
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), dim, compute_dtype, kernels)
         self.scale_shift_table = zeros_parameter((6, dim), "scale_shift_table")
 
+    def enable_recompute(self):
+        """Recompute the attention, cross-attention and MLP activations in the backward pass.
+        Not the whole block cell: with the block's own modulation ops marked too, MindSpore 2.10's
+        recompute pass made a cycle in the gradient graph (a recomputed ``t6`` reshape waiting for
+        a gradient that needs it)."""
+        for branch in (self.attn, self.cross_attn, self.mlp):
+            branch.recompute()
+
     def construct(self, x, inputs, h: int, w: int):
         """x (B, N, D), inputs = (caption tokens (B, L, D), t6 (B, 6D), caption bias (B, 1, 1, L))
         -> (B, N, D)."""
@@ -743,7 +751,7 @@ class PixArt(nn.Cell):
     def enable_recompute(self):
         """Activation checkpointing per block: recompute block activations in the backward pass."""
         for block in self.blocks:
-            block.recompute()
+            block.enable_recompute()
 
     def initialize_weights(self, seed: int = 0):
         """The official initialisation: xavier-uniform linears with zero bias, N(0, 0.02) for the

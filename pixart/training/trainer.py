@@ -179,13 +179,8 @@ class Trainer:
 
         cfg = self.cfg
         self.base_model = self.model = build_transformer(self.config, self.dtype, self.kernels)
-        if cfg.recompute:
-            self.model.enable_recompute()
         if cfg.controlnet_blocks:
             self.model = ControlPixArt(self.base_model, cfg.controlnet_blocks)
-            if cfg.recompute:
-                for block in self.model.controlnet:
-                    block.copied_block.recompute()
             trainable = [p.name for p in self.model.branch_parameters()] if trainable is None else trainable
         self.lora_spec, self.lora_cells = cfg.lora_spec(), None
         if self.lora_spec:
@@ -194,6 +189,8 @@ class Trainer:
             except ValueError as e:
                 raise ConfigError(f"--lora_targets: {e}") from None
             trainable = [p.name for p in lora_parameters(self.lora_cells)] if trainable is None else trainable
+        if cfg.recompute:  # after the adapters are attached, so that they are recomputed too
+            self.model.enable_recompute()
         params = self.model.trainable_params()  # y_embedding is a frozen buffer, as officially
         if trainable is not None:
             wanted = set(trainable)
