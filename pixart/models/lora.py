@@ -32,6 +32,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from pixart.errors import ModelLoadError
 from pixart.models.lora_spec import CONFIG_NAME, LoraSpec
+from pixart.models.pixart import dense
 from pixart.models.pixart_checkpoint import diffusers_modules
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -50,7 +51,7 @@ class LoRAPart(nn.Cell):
         self.scale = float(scale)
 
     def construct(self, x):
-        return ops.dense(ops.dense(x, self.lora_A.astype(x.dtype)), self.lora_B.astype(x.dtype)) * self.scale
+        return dense(dense(x, self.lora_A.astype(x.dtype)), self.lora_B.astype(x.dtype)) * self.scale
 
     def delta_weight(self) -> np.ndarray:
         return (self.lora_B.asnumpy().astype(np.float64) @ self.lora_A.asnumpy()) * self.scale
