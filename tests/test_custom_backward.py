@@ -1,6 +1,6 @@
 """The cells with their own backward (written for speed and memory on CPU) give torch's gradients,
-eagerly and compiled: the attention matmuls and softmax, and the affine-free LayerNorm of the
-transformer blocks."""
+eagerly and compiled: the attention matmuls and softmax, the affine-free LayerNorm of the
+transformer blocks, and their adaLN modulation and gates."""
 import numpy as np
 import pytest
 import torch
@@ -8,7 +8,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from pixart.models.attention import LastAxisSoftmax, math_attention
-from pixart.models.pixart import LayerNorm
+from pixart.models.pixart import Gated, LayerNorm, Modulate
 
 ms.set_context(mode=ms.PYNATIVE_MODE)
 ms.set_device("CPU")
@@ -85,3 +85,33 @@ def test_attention_backward_matches_torch(compiled):
     (out * torch.tensor(w, dtype=torch.float64)).sum().backward()
     for got, expected in zip(ours, (qt.grad, kt.grad, vt.grad)):
         np.testing.assert_allclose(got.asnumpy(), expected.numpy(), atol=1e-5)
+
+
+class ModulationLoss(nn.Cell):
+    """sum(gated(gate, modulate(x, shift, scale)) * w)."""
+
+    def __init__(self):
+        super().__init__()
+        self.modulate, self.gated = Modulate(), Gated()
+
+    def construct(self, x, shift, scale, gate, w):
+        return (self.gated(gate, self.modulate(x, shift, scale)) * w).sum()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_modulation_and_gate_backward_match_torch(compiled):
+    rng = np.random.default_rng(3)
+    b, n, d = 2, 7, 12
+    x, w = rng.standard_normal((b, n, d)).astype(np.float32), rng.standard_normal((b, n, d)).astype(np.float32)
+    shift, scale, gate = (rng.standard_normal((b, 1, d)).astype(np.float32) for _ in range(3))
+    grad = ms.grad(ModulationLoss(), grad_position=(0, 1, 2, 3))
+
+    def run(*args):
+        return grad(*args)
+
+    ours = (ms.jit(run) if compiled else run)(*(Tensor(a) for a in (x, shift, scale, gate, w)))
+    inputs = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, shift, scale, gate)]
+    xt, shift_t, scale_t, gate_t = inputs
+    ((gate_t * (xt * (1 + scale_t) + shift_t)) * torch.tensor(w, dtype=torch.float64)).sum().backward()
+    for got, expected in zip(ours, inputs):
+        np.testing.assert_allclose(got.asnumpy(), expected.grad.numpy(), atol=1e-5)

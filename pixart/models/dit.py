@@ -23,7 +23,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from pixart.models.pixart import (Kernels, LayerNorm, Linear, Mlp, OfficialInit, PatchEmbed, SelfAttention,
-                                  TimestepEmbedder, linear_slots, modulate, sincos_pos_embed_2d)
+                                  TimestepEmbedder, gated, linear_slots, modulate, sincos_pos_embed_2d)
 
 
 @dataclasses.dataclass
@@ -129,8 +129,8 @@ class DiTBlock(nn.Cell):
         """x (B, N, D), c (B, D) -> (B, N, D)."""
         mod = self.adaLN_modulation(c).astype(x.dtype)[:, None]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(mod, x.shape[-1], axis=-1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), h, w)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gated(gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), h, w))
+        return x + gated(gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class DiTFinalLayer(nn.Cell):

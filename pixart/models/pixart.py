@@ -23,7 +23,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from pixart.errors import ConfigError
-from pixart.models.attention import attention
+from pixart.models.attention import attention, broadcast_rows
 from pixart.runtime import jit
 
 MASK_BIAS = -10000.0  # what diffusers adds for padded caption tokens; exp() of it is 0 in fp32
@@ -370,11 +370,11 @@ class Standardize(nn.Cell):
     def bprop(self, x, out, dout):
         d = x.shape[-1]
         x, g = x.reshape(-1, d), dout.reshape(-1, d)
-        centred = x - x.sum(-1, keepdims=True) * (1.0 / d)
-        rstd = ops.rsqrt((centred * centred).sum(-1, keepdims=True) * (1.0 / d) + self.eps)
+        centred = x - broadcast_rows(x.sum(-1, keepdims=True) * (1.0 / d), d)
+        rstd = broadcast_rows(ops.rsqrt((centred * centred).sum(-1, keepdims=True) * (1.0 / d) + self.eps), d)
         x_hat = centred * rstd
-        g_mean = g.sum(-1, keepdims=True) * (1.0 / d)
-        g_x_hat_mean = (g * x_hat).sum(-1, keepdims=True) * (1.0 / d)
+        g_mean = broadcast_rows(g.sum(-1, keepdims=True) * (1.0 / d), d)
+        g_x_hat_mean = broadcast_rows((g * x_hat).sum(-1, keepdims=True) * (1.0 / d), d)
         return ((g - g_mean - x_hat * g_x_hat_mean) * rstd).reshape(dout.shape),
 
 
@@ -484,9 +484,39 @@ class CrossAttention(nn.Cell):
         return self.proj(out.swapaxes(1, 2).reshape(b, -1, d))
 
 
-def modulate(x, shift, scale):
-    """adaLN modulation: x (B, N, D), shift/scale (B, 1, D)."""
-    return x * broadcast_as(1 + scale, x) + broadcast_as(shift, x)
+_batched_matmul = ops.BatchMatMul()
+
+
+def token_sum(t):
+    """(B, N, D) -> (B, 1, D), the sum over the tokens, as a product with a row of ones: MindSpore
+    2.10's CPU ``ReduceSum`` over a middle axis took 1.3 ms for (2, 256, 1152) where this takes 0.2
+    (6.7 against 0.25 ms at 1024 tokens)."""
+    return _batched_matmul(ops.ones((t.shape[0], 1, t.shape[1]), t.dtype), t)
+
+
+class Modulate(nn.Cell):
+    """adaLN modulation x (1 + scale) + shift: x (B, N, D), shift/scale (B, 1, D), with its
+    backward summing over the tokens by ``token_sum`` (autodiff's backward of the broadcast is a
+    slow ``ReduceSum`` over the middle axis, about 4% of an XL/2 train step)."""
+
+    def construct(self, x, shift, scale):
+        return x * broadcast_as(1 + scale, x) + broadcast_as(shift, x)
+
+    def bprop(self, x, shift, scale, out, dout):
+        return dout * broadcast_as(1 + scale, dout), token_sum(dout), token_sum(dout * x)
+
+
+class Gated(nn.Cell):
+    """gate * y for a gate (B, 1, D) and y (B, N, D), with its backward as ``Modulate``'s."""
+
+    def construct(self, gate, y):
+        return broadcast_as(gate, y) * y
+
+    def bprop(self, gate, y, out, dout):
+        return token_sum(dout * y), dout * broadcast_as(gate, dout)
+
+
+modulate, gated = Modulate(), Gated()
 
 
 class PixArtBlock(nn.Cell):
@@ -523,9 +553,9 @@ class PixArtBlock(nn.Cell):
         b = x.shape[0]
         mod = self.scale_shift_table.astype(x.dtype) + t6.reshape(b, 6, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(mod, 1, axis=1)
-        x = x + broadcast_as(gate_msa, x) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), h, w)
+        x = x + gated(gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), h, w))
         x = x + self.cross_attn(x, caption, caption_bias)
-        x = x + broadcast_as(gate_mlp, x) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gated(gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x
 
 
