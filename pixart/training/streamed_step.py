@@ -14,10 +14,9 @@ block, as ``BlockStreamedForward`` does for inference:
    (tokens, caption tokens, timestep projection); the caption and timestep gradients of all
    blocks add up;
 4. the embeddings' weight gradients from those input gradients;
-5. clipping by the global norm, the optimizer and the EMA, a block's parameters at a time
-   (a graph over all parameters would keep a dozen buffers the size of all weights): the norms
-   in a compiled graph, the update in NumPy in place on the Parameters' memory (which
-   ``Parameter.asnumpy()`` shares on CPU), 2-4x faster than MindSpore's elementwise kernels.
+5. clipping by the global norm, the optimizer and the EMA, a block's parameters at a time, in
+   NumPy in place on the Parameters' memory, as ``TrainStep`` updates on CPU
+   (``TrainStep._prepare_host_update``).
 
 Every block's forward therefore runs twice (per-block recompute): about a third more compute
 than the whole-model graph, for the memory of one block's graph plus the weights, their
@@ -28,7 +27,6 @@ from __future__ import annotations
 
 from typing import Dict
 
-import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
@@ -36,7 +34,6 @@ from pixart.diffusion.objectives import DiffusionObjective
 from pixart.errors import ConfigError
 from pixart.models.pixart import BlockStreamedForward, PixArt, block_template
 from pixart.runtime import jit
-from pixart.training.optim import Scratch, clip_coefficient, grad_norms
 from pixart.training.train_step import TrainStep, _add_into_one, _mean_and_clear_one
 
 
@@ -63,18 +60,11 @@ class StreamedTrainStep(TrainStep):
         embed_params = [p for p in self.params if p.name not in block_names and
                         p.name not in {h.name for h in head_params}]
         self.head_params, self.embed_params = head_params, embed_params
-        self.index_of = position = {p.name: i for i, p in enumerate(self.params)}
-        self.groups = [[position[p.name] for p in head_params + embed_params]]
-        self.groups += [[position[p.name] for p in block.get_parameters()] for block in model.blocks]
-        self.moments = self.optimizer.moments_of()
-
-        def group_grad_norms(*grads):  # varargs: a tuple argument would enter the graph as constants
-            return grad_norms(grads)
-
-        self._grad_norms = jit(group_grad_norms)
-        self.scratch = Scratch()
-        if not np.shares_memory(self.params[0].asnumpy(), self.params[0].asnumpy()):
+        if not self._weights_on_host():
             raise ConfigError("--mode streamed updates the weights in host memory, which runs on CPU only")
+        position = {p.name: i for i, p in enumerate(self.params)}
+        self._prepare_host_update([[position[p.name] for p in head_params + embed_params]] +
+                                  [[position[p.name] for p in block.get_parameters()] for block in model.blocks])
         loss_fn = objective.loss
 
         def embed(x0, t, noise, *cond):
@@ -139,36 +129,6 @@ class StreamedTrainStep(TrainStep):
         self._place(grads, self.embed_params, self._embed_grads(dx, dt_emb, dy, dt6, x0, t, noise, *cond))
         return loss, mse, vb, grads
 
-    def _place(self, grads, params, values):
-        for param, value in zip(params, values):
-            grads[self.index_of[param.name]] = value
-
-    def _optimize_by_groups(self, lr: float, grads):
-        """Clipping, optimizer and EMA of ``TrainStep._optimize``, a block's parameters at a
-        time: the gradient norms in a compiled graph per group, then the update in NumPy, in
-        place on the Parameters' memory (``optimizer.step_on_host``, ``ema.average_on_host``).
-        Each gradient is dropped once used. Returns the gradient norm."""
-        if self.accumulation > 1:
-            grads = [_mean_and_clear_one(float(self.accumulation), buffer, grad)
-                     for buffer, grad in zip(self.accum, grads)]
-        norms = [None] * len(grads)  # in the parameters' order, as the whole-model step sums them
-        for group in self.groups:
-            self._place(norms, [self.params[i] for i in group], self._grad_norms(*(grads[i] for i in group)))
-        coef, total = clip_coefficient(norms, self.grad_clip)
-        coef, step = np.float32(coef.asnumpy()), int(self.optimizer.count_step().asnumpy())
-        for group in self.groups:
-            params = [self.params[i].asnumpy() for i in group]
-            group_grads = [grads[i].asnumpy() for i in group]
-            for i in group:
-                grads[i] = None
-            for grad in group_grads:
-                grad *= coef
-            moments = [[m.asnumpy() for m in self.moments[self.params[i].name]] for i in group]
-            self.optimizer.step_on_host(params, group_grads, moments, lr, step, self.scratch)
-            if self.ema is not None:
-                self.ema.average_on_host([self.ema.averages[i].asnumpy() for i in group], params, self.scratch)
-        return total
-
     def accumulate(self, inputs: Dict) -> Dict[str, float]:
         loss, mse, vb, grads = self._backward(inputs)
         for buffer, grad in zip(self.accum, grads):
@@ -177,5 +137,8 @@ class StreamedTrainStep(TrainStep):
 
     def update(self, inputs: Dict, lr: float) -> Dict[str, float]:
         loss, mse, vb, grads = self._backward(inputs)
-        norm = self._optimize_by_groups(lr, grads)
+        if self.accumulation > 1:
+            grads = [_mean_and_clear_one(float(self.accumulation), buffer, grad)
+                     for buffer, grad in zip(self.accum, grads)]
+        norm = self._update_on_host(lr, grads)
         return {**self._named((loss, mse, vb)), "grad_norm": float(norm.asnumpy()), "loss_scale": 1.0}

@@ -5,13 +5,18 @@
 for every latent height and width; then all-reduce of the gradients across ranks + clipping by
 global norm + optimizer + EMA, as one graph for every shape (its inputs are shaped as the
 parameters). The update is most of a compile (the tiny test model's AdamW step: 13 of 18.5 s),
-so a further bucket costs only its forward and backward. With gradient accumulation,
+so a further bucket costs only its forward and backward. Where the weights live in host memory
+(CPU) and neither ranks nor fp16 loss scaling are involved, the update after the backward runs
+in NumPy in place instead (``TrainStep._prepare_host_update``): faster, without the update
+graph's buffers, and with the same numbers. With gradient accumulation,
 ``accumulate`` runs forward and backward of the other micro-batches and adds their gradients to
 buffers that ``update`` consumes. fp16 scales the loss dynamically and skips steps whose gradients overflow.
 """
 from __future__ import annotations
 
 from typing import Dict, Optional
+
+import re
 
 import numpy as np
 import mindspore as ms
@@ -21,7 +26,7 @@ from pixart.diffusion.objectives import DiffusionObjective
 from pixart.errors import ConfigError
 from pixart.models.pixart import use_symbolic_grid
 from pixart.runtime import jit
-from pixart.training.optim import EMA, clip_grad_norm, divide
+from pixart.training.optim import EMA, Scratch, clip_coefficient, clip_grad_norm, divide, grad_norms
 
 BATCH_FIELDS = ("x0", "t", "noise")  # then the model's conditioning fields: the compiled step's inputs, in order
 
@@ -121,6 +126,69 @@ class TrainStep:
         self._gradients = compile_graph(self._gradients_graph) if compiled else self._gradients_graph
         self._apply = jit(self._apply_graph) if compiled else self._apply_graph
         self._accumulate = compile_graph(self._accumulate_graph) if compiled else self._accumulate_graph
+        self.host_update = compiled and self.loss_scaler is None and self.reducer is None and self._weights_on_host()
+        if self.host_update:
+            self._prepare_host_update(self._groups_by_block())
+
+    # ---------------------------------------------------------------- the update in host memory
+    def _weights_on_host(self) -> bool:
+        """Whether the trained float32 weights and their optimizer state are arrays in host
+        memory (CPU), which ``Parameter.asnumpy()`` then shares rather than copies."""
+        state = self.params + self.optimizer.state_parameters()[1:]
+        return (all(p.dtype == ms.float32 for p in state) and
+                all(np.shares_memory(p.asnumpy(), p.asnumpy()) for p in (self.params[0], state[-1])))
+
+    def _groups_by_block(self):
+        """The trained parameters' positions grouped by transformer block (``blocks.3.``,
+        ``controlnet.0.``; the rest in one group), so that a compiled norm graph serves every block."""
+        groups = {}
+        for i, p in enumerate(self.params):
+            block = re.match(r"(.*?\b(?:blocks|controlnet)\.\d+\.)", p.name)
+            groups.setdefault(block.group(1) if block else "", []).append(i)
+        return list(groups.values())
+
+    def _prepare_host_update(self, groups):
+        """The clipping, optimizer and EMA after the backward run in NumPy, in place on the
+        weights' memory (``optimizer.step_on_host``, ``ema.average_on_host``), a group of
+        parameters at a time: MindSpore 2.10's CPU elementwise kernels take 2-4x NumPy's time for
+        a pass over a weight, and a compiled update over all weights keeps buffers the size of
+        the weights. The gradient norms stay in a compiled graph per group (the same sums as the
+        compiled update's clipping). AdamW gives the compiled update's numbers bit for bit,
+        CAME to float32 rounding (tested)."""
+        self.groups = groups
+        self.index_of = {p.name: i for i, p in enumerate(self.params)}
+        self.moments = self.optimizer.moments_of()
+
+        def group_grad_norms(*grads):  # varargs: a tuple argument would enter the graph as constants
+            return grad_norms(grads)
+
+        self._grad_norms = jit(group_grad_norms)
+        self.scratch = Scratch()
+
+    def _place(self, values, params, group_values):
+        for param, value in zip(params, group_values):
+            values[self.index_of[param.name]] = value
+
+    def _update_on_host(self, lr: float, grads) -> Tensor:
+        """Clipping, optimizer and EMA of ``_optimize`` for ``grads`` (a list in the parameters'
+        order; each is dropped once used). Returns the gradient norm."""
+        norms = [None] * len(grads)  # in the parameters' order, as the compiled clipping sums them
+        for group in self.groups:
+            self._place(norms, [self.params[i] for i in group], self._grad_norms(*(grads[i] for i in group)))
+        coef, total = clip_coefficient(norms, self.grad_clip)
+        coef, step = np.float32(coef.asnumpy()), int(self.optimizer.count_step().asnumpy())
+        for group in self.groups:
+            params = [self.params[i].asnumpy() for i in group]
+            group_grads = [grads[i].asnumpy() for i in group]
+            for i in group:
+                grads[i] = None
+            for grad in group_grads:
+                grad *= coef
+            moments = [[m.asnumpy() for m in self.moments[self.params[i].name]] for i in group]
+            self.optimizer.step_on_host(params, group_grads, moments, lr, step, self.scratch)
+            if self.ema is not None:
+                self.ema.average_on_host([self.ema.averages[i].asnumpy() for i in group], params, self.scratch)
+        return total
 
     # ---------------------------------------------------------------- graph bodies
     def _scaled_loss(self, x0, t, noise, *cond):
@@ -177,7 +245,12 @@ class TrainStep:
         return {**self._named(values), "grad_norm": float("nan"), "loss_scale": self.loss_scale}
 
     def update(self, inputs: Dict[str, np.ndarray], lr: float) -> Dict[str, float]:
-        *values, norm = self._apply(Tensor(np.float32(lr)), *self._gradients(*self._tensors(inputs)))
+        if self.host_update:
+            outputs = self._gradients(*self._tensors(inputs))
+            count = len(self.metric_names)
+            values, norm = outputs[:count], self._update_on_host(lr, list(outputs[count:]))
+        else:
+            *values, norm = self._apply(Tensor(np.float32(lr)), *self._gradients(*self._tensors(inputs)))
         return {**self._named(values), "grad_norm": float(norm.asnumpy()), "loss_scale": self.loss_scale}
 
     def _named(self, values) -> Dict[str, float]:
