@@ -2,8 +2,7 @@
 """LoRA train step: ours (compiled) against diffusers + peft + torch AdamW, and against our own
 full finetune step, with peak memory.
 
-XL/2 width (hidden 1152, 16 heads), 256px, batch 2, fp32, ``--depth`` of the 28 blocks (the
-compiled full-finetune step needs about 1.7 GB per block on CPU). LoRA: rank 16, alpha 16, the
+XL/2 width (hidden 1152, 16 heads), 256px, batch 2, fp32, ``--depth`` of the 28 blocks. LoRA: rank 16, alpha 16, the
 official PixArt target list (every linear and the patch-embedding conv). One optimizer step =
 forward, the loss, backward, gradient clipping, AdamW over the trained parameters. Each run in
 its own process, same machine, one after another; median of the steps after the first two.

@@ -6,10 +6,8 @@ fp32: diffusers' PixArtTransformer2DModel + torch.optim.AdamW against our step w
 CAME, what PixArt-Σ uses), compiled (graph), block by block (streamed, train.py --mode streamed)
 and eager (pynative). Each runs in its own process (both at once would not fit in memory), same
 machine, one run; medians after warm-up; peak resident memory of each. A run that dies (out of
-memory) is reported as such. On CPU, MindSpore 2.10's one-graph train step keeps some kernels'
-buffers for the life of the graph (depth 4: 4.5 GiB against PyTorch's 2.4), so the full 28 blocks
-fit in 24 GB only streamed: ``--depth 4`` times the graph mode at a depth that fits,
-``--depth 28 --modes streamed`` the full model.
+memory) is reported as such. The full 28 blocks fit in 24 GB in graph mode too (14.9 GiB with
+AdamW against PyTorch's 12.1, see the README); ``--depth 4`` gives quicker comparisons.
 
 Part 2 — images/s of train.py on a small synthetic dataset with the VAE and a T5 encoder
 run on the fly versus read from tools/cache_features.py's cache (mid-size random models: an
@@ -17,7 +15,7 @@ SDXL-sized VAE and a T5-base-sized encoder; with T5-XXL the gap is far larger).
 
     python -m benchmarks.bench_train             # both parts
     python -m benchmarks.bench_train --part 1 --steps 5
-    python -m benchmarks.bench_train --part 1 --depth 28 --steps 4 --modes streamed
+    python -m benchmarks.bench_train --part 1 --depth 28 --steps 4 --modes graph streamed
 """
 import argparse
 import csv

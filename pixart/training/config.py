@@ -65,7 +65,8 @@ class TrainConfig:
     tokenizer_root: Optional[str] = option(None, "T5 tokenizer folder", "model")
     replace_null_caption: bool = option(False, "set y_embedding (the dropped-caption embedding) to T5(\"\"), as the "
                                                "official finetuning", "model")
-    recompute: bool = option(False, "activation checkpointing per block", "model")
+    recompute: bool = option(False, "activation checkpointing per block (for accelerators: on CPU it saves no "
+                                    "memory and costs time)", "model")
     dtype: str = option("fp32", "compute dtype; weights and optimizer stay fp32 (CPU: fp32 only; auto: fp16 on "
                                 "Ascend and GPU, fp32 on CPU; fp16 trains with dynamic loss scaling)", "model",
                         choices=DTYPE_NAMES)
