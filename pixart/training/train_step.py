@@ -14,9 +14,8 @@ buffers that ``update`` consumes. fp16 scales the loss dynamically and skips ste
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 import re
+from typing import Dict, Optional
 
 import numpy as np
 import mindspore as ms
