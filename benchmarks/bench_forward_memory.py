@@ -26,25 +26,18 @@ def run_one(kind: str, size: int, depth: int) -> dict:
     """In the child process: build, two forwards; the peak RSS and the second forward's time."""
     import time
 
-    from benchmarks.bench_transformer import forward_inputs
+    from benchmarks.bench_transformer import diffusers_forward, forward_inputs
 
     lat = size // 8
     x, t, y, mask = forward_inputs(lat)
     if kind == "diffusers":
-        import torch
         from diffusers import PixArtTransformer2DModel
 
         model = PixArtTransformer2DModel(
             num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=depth,
             cross_attention_dim=1152, sample_size=lat, patch_size=2, caption_channels=4096, interpolation_scale=1,
             use_additional_conditions=False).eval()
-        inputs = dict(hidden_states=torch.from_numpy(x), timestep=torch.from_numpy(t),
-                      encoder_hidden_states=torch.from_numpy(y), encoder_attention_mask=torch.from_numpy(mask),
-                      added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
-
-        def forward():
-            with torch.no_grad():
-                return model(**inputs)[0].numpy()
+        forward = diffusers_forward(model, x, t, y, mask)
     else:
         import mindspore as ms
 

@@ -46,6 +46,22 @@ def forward_inputs(lat: int):
     return x, t, y, mask
 
 
+def diffusers_forward(model, x, t, y, mask):
+    """``forward()`` -> the output of diffusers' ``PixArtTransformer2DModel`` ``model`` for
+    ``forward_inputs``' arrays, as NumPy, without autograd."""
+    import torch
+
+    inputs = dict(hidden_states=torch.from_numpy(x), timestep=torch.from_numpy(t),
+                  encoder_hidden_states=torch.from_numpy(y), encoder_attention_mask=torch.from_numpy(mask),
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+
+    def forward():
+        with torch.no_grad():
+            return model(**inputs)[0].numpy()
+
+    return forward
+
+
 def timed(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -116,13 +132,7 @@ def main():
         lat = size // 8
         x, t, y, mask = forward_inputs(lat)
         ms_args = [ms.Tensor(v) for v in (x, t, y, mask)]
-        th_args = dict(hidden_states=torch.from_numpy(x), timestep=torch.from_numpy(t),
-                       encoder_hidden_states=torch.from_numpy(y), encoder_attention_mask=torch.from_numpy(mask),
-                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
-
-        def run_theirs():
-            with torch.no_grad():
-                return torch_model(**th_args)[0].numpy()
+        run_theirs = diffusers_forward(torch_model, x, t, y, mask)
 
         modes = [m for m in args.modes if m != "graph" or size <= args.graph_max_size]
         runs = {m: (lambda f=forwards[m]: f(*ms_args).asnumpy()) for m in modes}

@@ -50,40 +50,32 @@ def math_attention(q, k, v, bias=None, budget: Optional[int] = None):
     return ops.concat(outs, axis=2)
 
 
+# batched matmuls: plain, with the second operand transposed, with the first transposed
+_matmul, _matmul_nt, _matmul_tn = ops.BatchMatMul(), ops.BatchMatMul(transpose_b=True), ops.BatchMatMul(transpose_a=True)
+
+
 class _Scores(nn.Cell):
     """q k^T for (..., Nq, d) and (..., Nk, d), by BatchMatMul(transpose_b) rather than a
     Transpose of k, and with its own backward: in a compiled graph MindSpore 2.10's CPU Transpose
     kernel keeps a buffer twice its output's size for the life of the graph (18 MB a call at
     XL/2 512px), and the autodiff of BatchMatMul kept more than the two matmuls below need."""
 
-    def __init__(self):
-        super().__init__()
-        self.matmul_nt = ops.BatchMatMul(transpose_b=True)
-        self.matmul = ops.BatchMatMul()
-        self.matmul_tn = ops.BatchMatMul(transpose_a=True)
-
     def construct(self, q, k):
-        return self.matmul_nt(q, k)
+        return _matmul_nt(q, k)
 
     def bprop(self, q, k, out, dout):
-        return self.matmul(dout, k), self.matmul_tn(dout, q)
+        return _matmul(dout, k), _matmul_tn(dout, q)
 
 
 class _WeightedValues(nn.Cell):
     """p v for (..., Nq, Nk) and (..., Nk, d), with its backward written as matmuls with
     transpose flags (see ``_Scores``)."""
 
-    def __init__(self):
-        super().__init__()
-        self.matmul = ops.BatchMatMul()
-        self.matmul_nt = ops.BatchMatMul(transpose_b=True)
-        self.matmul_tn = ops.BatchMatMul(transpose_a=True)
-
     def construct(self, p, v):
-        return self.matmul(p, v)
+        return _matmul(p, v)
 
     def bprop(self, p, v, out, dout):
-        return self.matmul_nt(dout, v), self.matmul_tn(p, dout)
+        return _matmul_nt(dout, v), _matmul_tn(p, dout)
 
 
 _scores = _Scores()

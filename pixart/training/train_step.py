@@ -244,12 +244,12 @@ class TrainStep:
         return {**self._named(values), "grad_norm": float("nan"), "loss_scale": self.loss_scale}
 
     def update(self, inputs: Dict[str, np.ndarray], lr: float) -> Dict[str, float]:
+        outputs = self._gradients(*self._tensors(inputs))
         if self.host_update:
-            outputs = self._gradients(*self._tensors(inputs))
             count = len(self.metric_names)
             values, norm = outputs[:count], self._update_on_host(lr, list(outputs[count:]))
         else:
-            *values, norm = self._apply(Tensor(np.float32(lr)), *self._gradients(*self._tensors(inputs)))
+            *values, norm = self._apply(Tensor(np.float32(lr)), *outputs)
         return {**self._named(values), "grad_norm": float(norm.asnumpy()), "loss_scale": self.loss_scale}
 
     def _named(self, values) -> Dict[str, float]:
