@@ -15,7 +15,6 @@ buffers that ``update`` consumes. fp16 scales the loss dynamically and skips ste
 from __future__ import annotations
 
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional
 
@@ -129,7 +128,7 @@ class TrainStep:
         self._accumulate = compile_graph(self._accumulate_graph) if compiled else self._accumulate_graph
         self.host_update = compiled and self.loss_scaler is None and self.reducer is None and self._weights_on_host()
         if self.host_update:
-            self._prepare_host_update(self._groups_by_block())
+            self._prepare_host_update()
 
     # ---------------------------------------------------------------- the update in host memory
     def _weights_on_host(self) -> bool:
@@ -139,23 +138,16 @@ class TrainStep:
         return (all(p.dtype == ms.float32 for p in state) and
                 all(np.shares_memory(p.asnumpy(), p.asnumpy()) for p in (self.params[0], state[-1])))
 
-    def _groups_by_block(self):
-        """The trained parameters' positions grouped by transformer block (``blocks.3.``,
-        ``controlnet.0.``; the rest in one group), so that a compiled norm graph serves every block."""
-        groups = {}
-        for i, p in enumerate(self.params):
-            block = re.match(r"(.*?\b(?:blocks|controlnet)\.\d+\.)", p.name)
-            groups.setdefault(block.group(1) if block else "", []).append(i)
-        return list(groups.values())
-
-    def _prepare_host_update(self, groups):
+    def _prepare_host_update(self, groups=()):
         """The clipping, optimizer and EMA after the backward run in NumPy, in place on the
-        weights' memory (``optimizer.step_on_host``, ``ema.average_on_host``), a group of
-        parameters at a time: MindSpore 2.10's CPU elementwise kernels take 2-4x NumPy's time for
-        a pass over a weight, and a compiled update over all weights keeps buffers the size of
-        the weights. The gradient norms stay in a compiled graph per group (the same sums as the
-        compiled update's clipping). AdamW gives the compiled update's numbers bit for bit,
-        CAME to float32 rounding (tested)."""
+        weights' memory (``optimizer.step_on_host``, ``ema.average_on_host``), a parameter per
+        task of a pool of threads: MindSpore 2.10's CPU elementwise kernels take 2-4x NumPy's time
+        for a pass over a weight, and a compiled update over all weights keeps buffers the size
+        of the weights. The gradient norms come from compiled graphs (the same sums as the
+        compiled update's clipping): the whole-model step's gradients graph, or for gradients
+        computed elsewhere (``StreamedTrainStep``) a graph over each of ``groups`` (lists of
+        parameter positions shaped alike, e.g. a block's). AdamW gives the compiled update's
+        numbers bit for bit, CAME to float32 rounding (tested)."""
         self.groups = groups
         self.index_of = {p.name: i for i, p in enumerate(self.params)}
         self.moments = self.optimizer.moments_of()
