@@ -25,7 +25,7 @@ def torch_lora_step_times(steps, depth):
     from diffusers import PixArtTransformer2DModel
     from peft import LoraConfig, get_peft_model
 
-    from benchmarks.bench_train import XL, batch
+    from benchmarks.bench_train import XL, batch, torch_loss
     from pixart.models.lora_spec import OFFICIAL_TARGETS
 
     torch.set_num_threads(os.cpu_count())
@@ -38,12 +38,7 @@ def torch_lora_step_times(steps, depth):
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        a = alphas[b["t"].long()].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * b["x0"] + (1 - a).sqrt() * b["noise"]
-        out = model(x_t, encoder_hidden_states=b["caption"], encoder_attention_mask=b["caption_mask"],
-                    timestep=b["t"], added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                    return_dict=False)[0]
-        loss = ((out[:, :4] - b["noise"]) ** 2).mean() + out[:, 4:].square().mean() * 1e-3
+        loss = torch_loss(model, b, alphas)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

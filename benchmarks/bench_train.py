@@ -16,6 +16,7 @@ SDXL-sized VAE and a T5-base-sized encoder; with T5-XXL the gap is far larger).
     python -m benchmarks.bench_train             # both parts
     python -m benchmarks.bench_train --part 1 --steps 5
     python -m benchmarks.bench_train --part 1 --depth 28 --steps 4 --modes graph streamed
+    python -m benchmarks.bench_train --part 1 --depth 4 --modes graph --micro_batches 2
 """
 import argparse
 import csv
@@ -52,8 +53,9 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def torch_step_times(steps, depth, optimizer="adamw"):
-    """diffusers model, eps-MSE + learned-variance output, torch AdamW or came-pytorch's CAME."""
+def torch_step_times(steps, depth, optimizer="adamw", micro_batches=1):
+    """diffusers model, eps-MSE + learned-variance output, torch AdamW or came-pytorch's CAME;
+    each step accumulates the gradients of ``micro_batches`` forward and backward passes."""
     import torch
     from diffusers import PixArtTransformer2DModel
 
@@ -69,20 +71,26 @@ def torch_step_times(steps, depth, optimizer="adamw"):
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        a = alphas[b["t"].long()].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * b["x0"] + (1 - a).sqrt() * b["noise"]
-        out = model(x_t, encoder_hidden_states=b["caption"], encoder_attention_mask=b["caption_mask"], timestep=b["t"],
-                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-        loss = ((out[:, :4] - b["noise"]) ** 2).mean() + out[:, 4:].square().mean() * 1e-3
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for _ in range(micro_batches):
+            (torch_loss(model, b, alphas) / micro_batches).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
         opt.step()
         times.append(time.perf_counter() - start)
     return times
 
 
-def ours_step_times(steps, depth, optimizer, mode):
+def torch_loss(model, b, alphas):
+    """eps-MSE + a small term on the learned-variance channels of a diffusers model for batch ``b``
+    (torch tensors of ``batch()``)."""
+    a = alphas[b["t"].long()].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * b["x0"] + (1 - a).sqrt() * b["noise"]
+    out = model(x_t, encoder_hidden_states=b["caption"], encoder_attention_mask=b["caption_mask"], timestep=b["t"],
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    return ((out[:, :4] - b["noise"]) ** 2).mean() + out[:, 4:].square().mean() * 1e-3
+
+
+def ours_step_times(steps, depth, optimizer, mode, micro_batches=1):
     import mindspore as ms
     from pixart.models.pixart import PixArtConfig, build_model
     from pixart.training.optim import make_optimizer
@@ -95,24 +103,28 @@ def ours_step_times(steps, depth, optimizer, mode):
     hyper = dict(weight_decay=0.0) if optimizer == "came" else dict(weight_decay=3e-2, eps=1e-10)
     step_class = StreamedTrainStep if mode == "streamed" else TrainStep
     step = step_class(model, make_optimizer(optimizer, model.trainable_params(), lr=2e-5, **hyper), grad_clip=0.01,
-                      compiled=mode != "pynative")
+                      compiled=mode != "pynative", grad_accumulation=micro_batches)
     b = batch()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
+        for _ in range(micro_batches - 1):
+            step.accumulate(b)
         step.update(b, 2e-5)
         times.append(time.perf_counter() - start)
     return times
 
 
-def part1(steps, depth, modes):
-    runs = [("PyTorch (diffusers + torch AdamW)", f"torch_step_times({steps}, {depth})"),
-            ("PyTorch (diffusers + came-pytorch CAME)", f"torch_step_times({steps}, {depth}, 'came')")]
+def part1(steps, depth, modes, micro_batches=1):
+    n = micro_batches
+    runs = [("PyTorch (diffusers + torch AdamW)", f"torch_step_times({steps}, {depth}, 'adamw', {n})"),
+            ("PyTorch (diffusers + came-pytorch CAME)", f"torch_step_times({steps}, {depth}, 'came', {n})")]
     for mode in modes:
-        runs += [(f"ours, {mode}, AdamW", f"ours_step_times({steps}, {depth}, 'adamw', {mode!r})"),
-                 (f"ours, {mode}, CAME", f"ours_step_times({steps}, {depth}, 'came', {mode!r})")]
+        runs += [(f"ours, {mode}, AdamW", f"ours_step_times({steps}, {depth}, 'adamw', {mode!r}, {n})"),
+                 (f"ours, {mode}, CAME", f"ours_step_times({steps}, {depth}, 'came', {mode!r}, {n})")]
     rows = measure_runs("benchmarks.bench_train", runs)
-    print(f"\nTrain step, XL/2 width, {depth} blocks, 256px, batch 2, fp32, {machine_line()} "
+    accumulated = f", {n} micro-batches a step" if n > 1 else ""
+    print(f"\nTrain step, XL/2 width, {depth} blocks, 256px, batch 2{accumulated}, fp32, {machine_line()} "
           f"(median of steps 3..{steps})")
     print_step_table(rows, "ratio to PyTorch AdamW")
     came_pytorch = rows[1][2]
@@ -213,9 +225,14 @@ def main():
     ap.add_argument("--depth", type=int, default=28, help="part 1: transformer blocks (default 28, the real XL/2)")
     ap.add_argument("--modes", nargs="+", choices=["graph", "streamed", "pynative"], default=["graph", "pynative"],
                     help="part 1: our execution modes to time")
+    ap.add_argument("--micro_batches", type=int, default=1,
+                    help="part 1: forward and backward passes whose gradients each step accumulates "
+                         "(train.py --grad_accumulation)")
     args = ap.parse_args()
+    if args.micro_batches < 1:
+        ap.error("--micro_batches must be at least 1")
     if args.part in (None, 1):
-        part1(args.steps, args.depth, args.modes)
+        part1(args.steps, args.depth, args.modes, args.micro_batches)
     if args.part in (None, 2):
         part2(args.steps)
 
