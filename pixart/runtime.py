@@ -7,9 +7,11 @@ Ascend and GPU (what the PixArt authors ran) and fp32 on CPU, whose MindSpore ma
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
 from pixart.errors import ConfigError
@@ -74,6 +76,12 @@ def memory_size(text: str) -> str:
     if not match or float(match.group(1)) <= 0:
         raise ConfigError(f"--max_device_memory {text!r}: expected a size such as 58GB or 512MB")
     return f"{match.group(1)}{match.group(2).upper()}B"
+
+
+@functools.lru_cache(maxsize=None)
+def host_threads() -> ThreadPoolExecutor:
+    """The process's pool of threads for NumPy work on tensors' host memory (one per core, at most 8)."""
+    return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="pixart-host")
 
 
 def jit(fn):

@@ -226,6 +226,25 @@ def test_group_norm_with_batch_norm_statistics_matches_torch(shape, groups):
     np.testing.assert_allclose(norm(Tensor(x)).asnumpy(), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape, groups, dtype", [((2, 32, 8, 8), 8, ms.float32), ((3, 64, 6, 10), 32, ms.float32),
+                                                   ((1, 16, 4, 4), 4, ms.float16)])
+def test_group_norm_on_host_matches_torch(shape, groups, dtype):
+    """The NumPy GroupNorm of an eager CPU decode equals torch's, keeps the input's dtype, and is
+    what AutoencoderKL's GroupNorms run eagerly on CPU."""
+    rng = np.random.default_rng(1)
+    x = (3 * rng.standard_normal(shape) + 1).astype(np.float32)
+    weight = rng.uniform(0.5, 1.5, shape[1]).astype(np.float32)
+    bias = rng.standard_normal(shape[1]).astype(np.float32)
+    out = akl.group_norm_on_host(Tensor(x).astype(dtype), groups, Tensor(weight), Tensor(bias), 1e-6)
+    assert out.dtype == dtype and out.shape == shape
+    source = torch.tensor(Tensor(x).astype(dtype).astype(ms.float32).asnumpy())
+    expected = torch.nn.functional.group_norm(source, groups, torch.tensor(weight), torch.tensor(bias), 1e-6).numpy()
+    np.testing.assert_allclose(out.astype(ms.float32).asnumpy(), expected, atol=1e-5 if dtype == ms.float32 else 2e-2)
+    norms = [cell for _, cell in AutoencoderKL(akl.AutoencoderKLConfig()).cells_and_names()
+             if isinstance(cell, akl.GroupNorm)]
+    assert norms and all(cell.on_host for cell in norms)
+
+
 def test_variant_config(tmp_path):
     """Three blocks, two resnets per block, no mid-block attention, no quant convs."""
     reference = save_vae(tmp_path, block_out_channels=(16, 32, 32), layers_per_block=2,

@@ -14,8 +14,6 @@ buffers that ``update`` consumes. fp16 scales the loss dynamically and skips ste
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional
 
 import numpy as np
@@ -25,7 +23,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from pixart.diffusion.objectives import DiffusionObjective
 from pixart.errors import ConfigError
 from pixart.models.pixart import use_symbolic_grid
-from pixart.runtime import jit
+from pixart.runtime import host_threads, jit
 from pixart.training.optim import EMA, Scratch, clip_coefficient, clip_grad_norm, divide, grad_norms
 
 BATCH_FIELDS = ("x0", "t", "noise")  # then the model's conditioning fields: the compiled step's inputs, in order
@@ -166,7 +164,6 @@ class TrainStep:
 
         self._grad_norms = jit(group_grad_norms)
         self.scratch = Scratch()
-        self.host_threads = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="host-update")
 
     def _place(self, values, params, group_values):
         for param, value in zip(params, group_values):
@@ -198,7 +195,7 @@ class TrainStep:
             if average is not None:
                 self.ema.average_on_host([average], [param], self.scratch)
 
-        for _ in self.host_threads.map(update, jobs):  # iterating re-raises a thread's exception
+        for _ in host_threads().map(update, jobs):  # iterating re-raises a thread's exception
             pass
         return total
 
