@@ -17,6 +17,7 @@ SDXL-sized VAE and a T5-base-sized encoder; with T5-XXL the gap is far larger).
     python -m benchmarks.bench_train --part 1 --steps 5
     python -m benchmarks.bench_train --part 1 --depth 28 --steps 4 --modes graph streamed
     python -m benchmarks.bench_train --part 1 --depth 4 --modes graph --micro_batches 2
+    python -m benchmarks.bench_train --part 1 --depth 28 --steps 4 --modes graph --recompute
 """
 import argparse
 import csv
@@ -90,7 +91,7 @@ def torch_loss(model, b, alphas):
     return ((out[:, :4] - b["noise"]) ** 2).mean() + out[:, 4:].square().mean() * 1e-3
 
 
-def ours_step_times(steps, depth, optimizer, mode, micro_batches=1):
+def ours_step_times(steps, depth, optimizer, mode, micro_batches=1, recompute=False):
     import mindspore as ms
     from pixart.models.pixart import PixArtConfig, build_model
     from pixart.training.optim import make_optimizer
@@ -100,6 +101,8 @@ def ours_step_times(steps, depth, optimizer, mode, micro_batches=1):
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_device("CPU")
     model = build_model(PixArtConfig(input_size=32, pe_interpolation=0.5, multi_scale=False, depth=depth))
+    if recompute:
+        model.enable_recompute()
     hyper = dict(weight_decay=0.0) if optimizer == "came" else dict(weight_decay=3e-2, eps=1e-10)
     step_class = StreamedTrainStep if mode == "streamed" else TrainStep
     step = step_class(model, make_optimizer(optimizer, model.trainable_params(), lr=2e-5, **hyper), grad_clip=0.01,
@@ -115,13 +118,14 @@ def ours_step_times(steps, depth, optimizer, mode, micro_batches=1):
     return times
 
 
-def part1(steps, depth, modes, micro_batches=1):
-    n = micro_batches
+def part1(steps, depth, modes, micro_batches=1, recompute=False):
+    n, r = micro_batches, recompute
     runs = [("PyTorch (diffusers + torch AdamW)", f"torch_step_times({steps}, {depth}, 'adamw', {n})"),
             ("PyTorch (diffusers + came-pytorch CAME)", f"torch_step_times({steps}, {depth}, 'came', {n})")]
     for mode in modes:
-        runs += [(f"ours, {mode}, AdamW", f"ours_step_times({steps}, {depth}, 'adamw', {mode!r}, {n})"),
-                 (f"ours, {mode}, CAME", f"ours_step_times({steps}, {depth}, 'came', {mode!r}, {n})")]
+        label = f"{mode}, recompute" if recompute else mode
+        runs += [(f"ours, {label}, AdamW", f"ours_step_times({steps}, {depth}, 'adamw', {mode!r}, {n}, {r})"),
+                 (f"ours, {label}, CAME", f"ours_step_times({steps}, {depth}, 'came', {mode!r}, {n}, {r})")]
     rows = measure_runs("benchmarks.bench_train", runs)
     accumulated = f", {n} micro-batches a step" if n > 1 else ""
     print(f"\nTrain step, XL/2 width, {depth} blocks, 256px, batch 2{accumulated}, fp32, {machine_line()} "
@@ -228,11 +232,14 @@ def main():
     ap.add_argument("--micro_batches", type=int, default=1,
                     help="part 1: forward and backward passes whose gradients each step accumulates "
                          "(train.py --grad_accumulation)")
+    ap.add_argument("--recompute", action="store_true",
+                    help="part 1: our steps recompute each block's attention and MLP activations in the backward "
+                         "(train.py --recompute); PyTorch's keep them")
     args = ap.parse_args()
     if args.micro_batches < 1:
         ap.error("--micro_batches must be at least 1")
     if args.part in (None, 1):
-        part1(args.steps, args.depth, args.modes, args.micro_batches)
+        part1(args.steps, args.depth, args.modes, args.micro_batches, args.recompute)
     if args.part in (None, 2):
         part2(args.steps)
 
