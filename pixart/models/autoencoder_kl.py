@@ -226,7 +226,8 @@ def group_norm_on_host(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor,
         dst *= scale[g] / np.sqrt(np.square(dst).mean(dtype=np.float32) + np.float32(eps))
         dst += shift[g]
         if silu:  # x / (1 + exp(-x)), as torch's CPU kernel
-            denominator = np.exp(np.negative(dst))
+            denominator = np.negative(dst)
+            np.exp(denominator, out=denominator)
             denominator += np.float32(1)
             dst /= denominator
 
