@@ -1,14 +1,14 @@
 """The cells with their own backward (written for speed and memory on CPU) give torch's gradients,
-eagerly and compiled: the attention matmuls and softmax, the affine-free LayerNorm of the
-transformer blocks, and their adaLN modulation and gates."""
+eagerly and compiled: the attention matmuls and softmax, the head split and join, the affine-free
+LayerNorm of the transformer blocks, their adaLN modulation and gates, and the composed GELU."""
 import numpy as np
 import pytest
 import torch
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from pixart.models.attention import LastAxisSoftmax, math_attention
-from pixart.models.pixart import Gated, LayerNorm, Modulate
+from pixart.models.attention import LastAxisSoftmax, heads_first, math_attention, tokens_first
+from pixart.models.pixart import Gated, LayerNorm, Modulate, gelu_tanh_composed
 
 ms.set_context(mode=ms.PYNATIVE_MODE)
 ms.set_device("CPU")
@@ -115,3 +115,47 @@ def test_modulation_and_gate_backward_match_torch(compiled):
     ((gate_t * (xt * (1 + scale_t) + shift_t)) * torch.tensor(w, dtype=torch.float64)).sum().backward()
     for got, expected in zip(ours, inputs):
         np.testing.assert_allclose(got.asnumpy(), expected.grad.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_composed_gelu_backward_matches_torch(compiled):
+    rng = np.random.default_rng(4)
+    x = np.concatenate([np.linspace(-8, 8, 161), 3 * rng.standard_normal(200)]).astype(np.float32).reshape(19, 19)
+    w = rng.standard_normal(x.shape).astype(np.float32)
+    expected = torch_gradient(lambda t: torch.nn.functional.gelu(t, approximate="tanh"), x, w)
+    np.testing.assert_allclose(gradient(gelu_tanh_composed, x, w, compiled), expected, rtol=1e-5, atol=1e-6)
+
+
+class HeadsRoundTrip(nn.Cell):
+    """sum(tokens_first(heads_first(x) * u) * w): the head split, a product in the (B, heads, N, d) layout, the join."""
+
+    def __init__(self, heads, gather):
+        super().__init__()
+        self.heads, self.gather = heads, gather
+
+    def construct(self, x, u, w):
+        return (tokens_first(heads_first(x, self.heads, self.gather) * u, self.gather) * w).sum()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("gather", [True, False])
+def test_head_split_and_join_are_exact_copies_both_ways(compiled, gather):
+    rng = np.random.default_rng(5)
+    b, n, heads, d = 2, 7, 3, 4
+    x, w = (rng.standard_normal((b, n, heads * d)).astype(np.float32) for _ in range(2))
+    u = rng.standard_normal((b, heads, n, d)).astype(np.float32)
+
+    def split(a):
+        return heads_first(a, heads, gather)
+
+    split_heads = ms.jit(split) if compiled else split
+    np.testing.assert_array_equal(split_heads(Tensor(x)).asnumpy(), x.reshape(b, n, heads, d).swapaxes(1, 2))
+    grad = ms.grad(HeadsRoundTrip(heads, gather), grad_position=(0, 1))
+
+    def run(*args):
+        return grad(*args)
+
+    dx, du = (ms.jit(run) if compiled else run)(Tensor(x), Tensor(u), Tensor(w))
+    w_heads = w.reshape(b, n, heads, d).swapaxes(1, 2)
+    np.testing.assert_array_equal(du.asnumpy(), w_heads * x.reshape(b, n, heads, d).swapaxes(1, 2))
+    np.testing.assert_array_equal(dx.asnumpy(), (w_heads * u).swapaxes(1, 2).reshape(b, n, heads * d))

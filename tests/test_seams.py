@@ -253,18 +253,26 @@ def test_kernel_choice_follows_the_option_not_the_context(monkeypatch):
     from pixart.models import attention
 
     monkeypatch.setattr(attention, "flash_unavailable_reason", lambda device, dtype: "" if device == "Ascend" else "no")
-    assert Kernels.for_device("CPU") == Kernels(attention="math", gelu="composed")
-    assert Kernels.for_device("Ascend", ms.float16) == Kernels(attention="flash", gelu="fused")
+    assert Kernels.for_device("CPU") == Kernels(attention="math", gelu="composed", heads="gather")
+    assert Kernels.for_device("Ascend", ms.float16) == Kernels(attention="flash", gelu="fused", heads="transpose")
     assert Kernels.for_device("Ascend", ms.float16, attention="math").attention == "math"
-    assert Kernels.for_device("GPU", ms.float16) == Kernels(attention="math", gelu="fused")
+    assert Kernels.for_device("GPU", ms.float16) == Kernels(attention="math", gelu="fused", heads="transpose")
     with pytest.raises(ValueError, match="attention kernel"):
         Kernels(attention="fast")
+    with pytest.raises(ValueError, match="heads"):
+        Kernels(heads="view")
     fused = build_model(TINY, kernels=Kernels(gelu="fused"))
     assert all(not cell.composed_gelu for _, cell in fused.cells_and_names() if hasattr(cell, "composed_gelu"))
     flash = build_model(TINY, kernels=Kernels(attention="flash"))
     assert flash.blocks[0].attn.attention_kernel == flash.blocks[0].cross_attn.attention_kernel == "flash"
     ms.set_device("CPU")
     assert tiny_model().blocks[0].attn.attention_kernel == "math"  # the default runs anywhere
+
+
+def test_both_head_splits_give_the_same_model_output():
+    x, t, cond = inputs()
+    gathered = tiny_model(kernels=Kernels(heads="gather"))(x, t, cond).asnumpy()
+    np.testing.assert_array_equal(gathered, tiny_model(kernels=Kernels(heads="transpose"))(x, t, cond).asnumpy())
 
 
 def test_both_gelu_forms_give_the_same_model_output():

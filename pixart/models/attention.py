@@ -17,7 +17,7 @@ import logging
 from typing import Optional
 
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import Tensor, nn, ops
 
 from pixart.errors import ConfigError
 
@@ -88,6 +88,51 @@ def _attend(q, k, v, bias):
         # broadcast explicitly: see pixart.models.pixart.broadcast_as
         scores = scores + ops.broadcast_to(bias, scores.shape)
     return _weighted_values(_softmax(scores).astype(v.dtype), v)
+
+
+def _transposed_rows(p, q):
+    """(q, p) int32: the rows of a (p, q) grid, numbered row-major, in transposed order ([j, i] = i q + j)."""
+    one = Tensor(1, ms.int32)
+    first = ops.range(Tensor(0, ms.int32), ops.scalar_to_tensor(p, ms.int32), one) * q
+    second = ops.range(Tensor(0, ms.int32), ops.scalar_to_tensor(q, ms.int32), one)
+    return first.reshape(1, -1) + second.reshape(-1, 1)
+
+
+def _swap_middle(x):
+    b, p, q, d = x.shape
+    return ops.gather(x.reshape(b, -1, d), _transposed_rows(p, q), 1)
+
+
+class _GatherSwap(nn.Cell):
+    """(B, P, Q, d) -> (B, Q, P, d) as a Gather of rows of d values: in a compiled graph MindSpore
+    2.10's CPU Transpose kernel keeps a buffer about twice its output's size for the life of the
+    graph (attention's head transposes kept 87 MB a block in an XL/2 train step at 256px, batch
+    2), its Gather keeps none and copies as fast. The backward is the same swap back (autodiff's
+    would scatter-add)."""
+
+    def construct(self, x):
+        return _swap_middle(x)
+
+    def bprop(self, x, out, dout):
+        return _swap_middle(dout),
+
+
+_gather_swap = _GatherSwap()
+
+
+def heads_first(x, heads: int, gather: bool):
+    """(B, N, heads * d) -> (B, heads, N, d); ``gather``: by ``_GatherSwap`` (CPU), else a Transpose."""
+    b, _, dim = x.shape
+    # the token count as -1, not N: with a symbolic N (use_symbolic_grid) and batch == heads,
+    # MindSpore 2.10's shape inference mixes the dimensions up and a reshape fails at run time
+    x = x.reshape(b, -1, heads, dim // heads)
+    return _gather_swap(x) if gather else x.swapaxes(1, 2)
+
+
+def tokens_first(x, gather: bool):
+    """(B, heads, N, d) -> (B, N, heads * d), the inverse of ``heads_first``."""
+    b, heads, _, d = x.shape
+    return (_gather_swap(x) if gather else x.swapaxes(1, 2)).reshape(b, -1, heads * d)
 
 
 _outer = ops.MatMul()

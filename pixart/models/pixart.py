@@ -23,7 +23,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from pixart.errors import ConfigError
-from pixart.models.attention import attention, broadcast_rows
+from pixart.models.attention import attention, broadcast_rows, heads_first, tokens_first
 from pixart.runtime import jit
 
 MASK_BIAS = -10000.0  # what diffusers adds for padded caption tokens; exp() of it is 0 in fp32
@@ -109,17 +109,22 @@ class Kernels:
     gelu: ``composed`` (``x * sigmoid(...)``, four elementwise ops: on CPU about 4x faster than
     MindSpore's fused kernel) or ``fused`` (``ops.gelu(approximate="tanh")``). Both are the
     tanh approximation.
+    heads: how attention splits the heads off and joins them again: ``gather`` (a Gather of rows;
+    on CPU a compiled Transpose keeps buffers for the life of the graph) or ``transpose``.
 
     The default, ``Kernels()``, runs everywhere; ``for_device`` picks the fastest for a device.
     """
     attention: str = "math"
     gelu: str = "composed"
+    heads: str = "gather"
 
     def __post_init__(self):
         if self.attention not in ("math", "flash"):
             raise ValueError(f"attention kernel must be math or flash, not {self.attention!r}")
         if self.gelu not in ("composed", "fused"):
             raise ValueError(f"gelu kernel must be composed or fused, not {self.gelu!r}")
+        if self.heads not in ("gather", "transpose"):
+            raise ValueError(f"heads must be split by gather or transpose, not {self.heads!r}")
 
     @classmethod
     def for_device(cls, device: str, dtype=ms.float32, attention: str = "auto") -> "Kernels":
@@ -128,8 +133,9 @@ class Kernels:
         it cannot run is a ConfigError saying why)."""
         from pixart.models.attention import choose_attention
 
-        gelu = "composed" if device == "CPU" else "fused"
-        return cls(attention=choose_attention(attention, device, dtype), gelu=gelu)
+        cpu = device == "CPU"
+        return cls(attention=choose_attention(attention, device, dtype), gelu="composed" if cpu else "fused",
+                   heads="gather" if cpu else "transpose")
 
 
 class Conditioning(NamedTuple):
@@ -378,10 +384,26 @@ class Standardize(nn.Cell):
         return ((g - g_mean - x_hat * g_x_hat_mean) * rstd).reshape(dout.shape),
 
 
-def gelu_tanh_composed(x):
-    """tanh-approximate GELU written as ``x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3))``, which
-    equals ``0.5 x (1 + tanh(...))``."""
-    return x * ops.sigmoid(x * (1.5957691216057308 + 0.0713548162726009 * (x * x)))
+_GELU_A, _GELU_B = 1.5957691216057308, 0.0713548162726009  # 2 sqrt(2/pi), and times 0.044715
+
+
+class _GeluTanhComposed(nn.Cell):
+    """tanh-approximate GELU written as ``x * sigmoid(u)``, ``u = 2 sqrt(2/pi) (x + 0.044715 x^3)``,
+    which equals ``0.5 x (1 + tanh(u / 2))``; its backward recomputes ``sigmoid(u)`` from ``x``:
+    autodiff's kept the forward's intermediates, each the size of the MLP's hidden activations,
+    until the backward (about 38 MB a block in an XL/2 train step at 256px, batch 2)."""
+
+    def construct(self, x):
+        return x * ops.sigmoid(x * (_GELU_A + _GELU_B * (x * x)))
+
+    def bprop(self, x, out, dout):
+        # d/dx x s(u) = s + x s (1 - s) u',  u' = a + 3 b x^2
+        square = x * x
+        s = ops.sigmoid(x * (_GELU_A + _GELU_B * square))
+        return dout * (s * (1.0 + x * (1.0 - s) * (_GELU_A + 3.0 * _GELU_B * square))),
+
+
+gelu_tanh_composed = _GeluTanhComposed()
 
 
 class Mlp(nn.Cell):
@@ -426,6 +448,7 @@ class SelfAttention(nn.Cell):
             self.sr = ConvWeights(np.full((dim, 1, kv_ratio, kv_ratio), 1.0 / kv_ratio ** 2, np.float32))
             self.norm = LayerNorm(dim, eps=1e-5, affine=True)
         self.attention_kernel = kernels.attention
+        self.gather_heads = kernels.heads == "gather"
 
     def _compress(self, t, h, w):
         """(B, h*w, D) -> (B, (h/r)*(w/r), D)."""
@@ -441,8 +464,7 @@ class SelfAttention(nn.Cell):
 
     def construct(self, x, h: int, w: int):
         """x: (B, N, D) with N = h*w -> (B, N, D)."""
-        b, _, d = x.shape
-        heads = self.num_heads
+        d = x.shape[-1]
         q, k, v = ops.split(self.qkv(x), d, axis=-1)
         if self.qk_norm:
             q = self.q_norm(q)
@@ -453,13 +475,9 @@ class SelfAttention(nn.Cell):
                                  f"got {h}x{w}")
             k = self._compress(k, h, w)
             v = self._compress(v, h, w)
-        # the token count as -1, not n: with a symbolic n (use_symbolic_grid) and batch == heads,
-        # MindSpore 2.10's shape inference mixes the dimensions up and a reshape fails at run time
-        q = q.reshape(b, -1, heads, d // heads).swapaxes(1, 2)
-        k = k.reshape(b, -1, heads, d // heads).swapaxes(1, 2)
-        v = v.reshape(b, -1, heads, d // heads).swapaxes(1, 2)
+        q, k, v = (heads_first(t, self.num_heads, self.gather_heads) for t in (q, k, v))
         out = attention(q, k, v, kernel=self.attention_kernel)
-        return self.proj(out.swapaxes(1, 2).reshape(b, -1, d))
+        return self.proj(tokens_first(out, self.gather_heads))
 
 
 class CrossAttention(nn.Cell):
@@ -472,16 +490,13 @@ class CrossAttention(nn.Cell):
         self.kv_linear = Linear(dim, dim * 2, compute_dtype=compute_dtype)
         self.proj = Linear(dim, dim, compute_dtype=compute_dtype)
         self.attention_kernel = kernels.attention
+        self.gather_heads = kernels.heads == "gather"
 
     def construct(self, x, y, bias):
-        b, _, d = x.shape
-        heads = self.num_heads
-        q = self.q_linear(x).reshape(b, -1, heads, d // heads).swapaxes(1, 2)  # -1: see SelfAttention
-        k, v = ops.split(self.kv_linear(y), d, axis=-1)
-        k = k.reshape(b, -1, heads, d // heads).swapaxes(1, 2)
-        v = v.reshape(b, -1, heads, d // heads).swapaxes(1, 2)
+        k, v = ops.split(self.kv_linear(y), x.shape[-1], axis=-1)
+        q, k, v = (heads_first(t, self.num_heads, self.gather_heads) for t in (self.q_linear(x), k, v))
         out = attention(q, k, v, bias, kernel=self.attention_kernel)
-        return self.proj(out.swapaxes(1, 2).reshape(b, -1, d))
+        return self.proj(tokens_first(out, self.gather_heads))
 
 
 _batched_matmul = ops.BatchMatMul()
