@@ -10,6 +10,7 @@ from mindspore import Parameter, Tensor, amp, nn, ops
 torch = pytest.importorskip("torch")
 came_pytorch = pytest.importorskip("came_pytorch")
 
+from pixart.training import optim  # noqa: E402
 from pixart.training.optim import (AdamW, CAME, EMA, Scratch, auto_scale_lr, clip_grad_norm,  # noqa: E402
                                    constant_with_warmup, make_optimizer)
 
@@ -115,13 +116,16 @@ def test_adamw_matches_torch(graph, weight_decay):
         assert _max_rel_diff([optimizer.exp_avg_sq[i].asnumpy()], [reference.state[p]["exp_avg_sq"].numpy()]) <= 1e-6
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("weight_decay, piece", [(0.0, None), (0.1, None), (0.1, 7)])
 @pytest.mark.parametrize("optimizer_cls", [CAME, AdamW])
-def test_the_host_step_equals_the_in_place_step(optimizer_cls, weight_decay):
+def test_the_host_step_equals_the_in_place_step(optimizer_cls, weight_decay, piece, monkeypatch):
     """``step_on_host`` and ``EMA.average_on_host`` (train.py --mode streamed, a group of
     parameters at a time, in NumPy on the Parameters' memory) compute the in-place step's
     weights, moments and averages: AdamW bit for bit, CAME (whose row and column sums NumPy adds
-    in another order) to float32 rounding. Three steps, so the moments feed back."""
+    in another order) to float32 rounding. Three steps, so the moments feed back. ``piece``:
+    AdamW's passes run over pieces of that many elements, so that a weight ends in a shorter one."""
+    if piece is not None:
+        monkeypatch.setattr(optim, "PIECE", piece)
     init, grads = _problem(seed=3, steps=3)
     graph_params, host_params = _ms_params(init), _ms_params(init)
     kwargs = dict(lr=LR, weight_decay=weight_decay)

@@ -106,18 +106,21 @@ def _assigned(targets: Sequence[Parameter], values: Sequence[Tensor]) -> Tuple[T
 
 
 class Scratch:
-    """Reusable float32 work arrays by shape for the host steps (``step_on_host``): a new array
-    the size of a weight costs about a pass over it, as the system zeroes its pages. Each
-    thread gets its own arrays, so that threads may update different parameters at once."""
+    """Reusable float32 work arrays for the host steps (``step_on_host``): a new array the size
+    of a weight costs about a pass over it, as the system zeroes its pages. ``scratch(shape,
+    slot)`` is a view of one buffer per slot and thread, grown to the largest shape asked for, so
+    that a slot's array is valid until the same thread asks for that slot again; each thread has
+    its own, so that threads may update different parameters at once."""
 
     def __init__(self):
-        self._arrays: Dict[Tuple[Tuple[int, ...], int, int], np.ndarray] = {}
+        self._buffers: Dict[Tuple[int, int], np.ndarray] = {}
 
     def __call__(self, shape, slot: int = 0) -> np.ndarray:
-        key = (tuple(shape), slot, threading.get_ident())
-        if key not in self._arrays:
-            self._arrays[key] = np.empty(shape, np.float32)
-        return self._arrays[key]
+        key, size = (slot, threading.get_ident()), math.prod(shape)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.size < size:
+            buffer = self._buffers[key] = np.empty(size, np.float32)
+        return buffer[:size].reshape(shape)
 
 
 def _load_named(targets: Sequence[Parameter], param_dict: Dict[str, Tensor], owner: str) -> None:
@@ -489,7 +492,7 @@ class AdamW(_Optimizer):
         beta1_t, beta2_t = (float(np.float32(b)) ** step for b in self.betas)
         step_size = lr / np.float32(1.0 - beta1_t)
         bias_correction2_sqrt = np.float32(math.sqrt(1.0 - beta2_t))
-        for param, grad, (exp_avg, exp_avg_sq) in zip(params, grads, moments):
+        for param, grad, (exp_avg, exp_avg_sq) in _in_pieces(params, grads, moments):
             # _adamw_values, operation for operation (the same roundings)
             work = scratch(param.shape)
             if decays:
@@ -507,6 +510,20 @@ class AdamW(_Optimizer):
             np.divide(exp_avg, work, out=work)
             work *= step_size
             param -= work
+
+
+# Elements of a piece of a weight over which AdamW's host step makes its passes, so that they run
+# in cache (1 MB an array): XL/2, 4 blocks, 0.15-0.17 s a step against 0.21-0.24 s weight by weight.
+PIECE = 1 << 18
+
+
+def _in_pieces(params, grads, moments):
+    """(param, grad, moments) of each parameter, in pieces of ``PIECE`` elements (flat views)."""
+    for param, grad, state in zip(params, grads, moments):
+        flat = [param.reshape(-1), grad.reshape(-1)] + [m.reshape(-1) for m in state]
+        for start in range(0, param.size, PIECE):
+            piece = [a[start:start + PIECE] for a in flat]
+            yield piece[0], piece[1], piece[2:]
 
 
 def make_optimizer(name: str, params: Iterable[Parameter], **kwargs) -> _Optimizer:
