@@ -10,7 +10,7 @@ Same machine, one run, both timed end to end from initial latents to uint8 image
     python -m benchmarks.bench_sampling --size 256 --steps 10 --mode streamed
 
 Our denoiser runs compiled whole (``--mode graph``) by default, as ``sample.py`` does (XL/2 at
-512px: 8.4 GiB, bench_forward_memory.py); ``--mode streamed``, whose memory does not grow with
+512px: 5.5 GiB, bench_forward_memory.py); ``--mode streamed``, whose memory does not grow with
 the depth, ran 1.27x its time on the Intel AMX machine (bench_transformer at 512px).
 """
 import argparse

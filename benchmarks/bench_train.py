@@ -6,8 +6,8 @@ fp32: diffusers' PixArtTransformer2DModel + torch.optim.AdamW against our step w
 CAME, what PixArt-Σ uses), compiled (graph), block by block (streamed, train.py --mode streamed)
 and eager (pynative). Each runs in its own process (both at once would not fit in memory), same
 machine, one run; medians after warm-up; peak resident memory of each. A run that dies (out of
-memory) is reported as such. The full 28 blocks fit in 24 GB in graph mode too (14.9 GiB with
-AdamW against PyTorch's 12.1, see the README); ``--depth 4`` gives quicker comparisons.
+memory) is reported as such. The full 28 blocks fit in 24 GB in graph mode too (11.7 GiB with
+AdamW against PyTorch's 10.8, see the README); ``--depth 4`` gives quicker comparisons.
 
 Part 2 — images/s of train.py on a small synthetic dataset with the VAE and a T5 encoder
 run on the fly versus read from tools/cache_features.py's cache (mid-size random models: an

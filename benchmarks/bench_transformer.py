@@ -8,7 +8,7 @@ to the fp32 GEMM rate each framework reaches in this run on an XL-sized Linear (
 
 Our two compiled modes: ``graph`` (the whole model one graph) and ``streamed`` (one block
 graph that every block's weights run through; ``sample.py --mode streamed``). ``graph`` is
-timed up to ``--graph_max_size`` (XL/2 at 512px needs 8.4 GiB on CPU: bench_forward_memory.py).
+timed up to ``--graph_max_size`` (XL/2 at 512px needs 5.5 GiB on CPU: bench_forward_memory.py).
 
     python -m benchmarks.bench_transformer                 # 256px and 512px
     python -m benchmarks.bench_transformer --sizes 256 --repeats 5 --modes graph

@@ -67,7 +67,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=EXECUTION_MODES, default="graph",
                    help="graph: the denoiser compiled once per shape (fastest); streamed: one compiled block "
                         "that every block's weights run through (graph speed with the memory of one block: "
-                        "for the largest images on CPU, where a whole-model graph of XL/2 needs 8.4 GiB at 512px); "
+                        "for the largest images on CPU, where a whole-model graph of XL/2 needs 5.5 GiB at 512px); "
                         "pynative: eager (debugging)")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", nargs="+", help="one or more prompts")

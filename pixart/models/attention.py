@@ -107,8 +107,8 @@ class _GatherSwap(nn.Cell):
     """(B, P, Q, d) -> (B, Q, P, d) as a Gather of rows of d values: in a compiled graph MindSpore
     2.10's CPU Transpose kernel keeps a buffer about twice its output's size for the life of the
     graph (attention's head transposes kept 87 MB a block in an XL/2 train step at 256px, batch
-    2), its Gather keeps none and copies as fast. The backward is the same swap back (autodiff's
-    would scatter-add)."""
+    2), its Gather keeps none and copies faster (1.19 against 1.56 ms for (2, 1024, 16, 72)).
+    The backward is the same swap back (autodiff's would scatter-add)."""
 
     def construct(self, x):
         return _swap_middle(x)

@@ -390,8 +390,8 @@ _GELU_A, _GELU_B = 1.5957691216057308, 0.0713548162726009  # 2 sqrt(2/pi), and t
 class _GeluTanhComposed(nn.Cell):
     """tanh-approximate GELU written as ``x * sigmoid(u)``, ``u = 2 sqrt(2/pi) (x + 0.044715 x^3)``,
     which equals ``0.5 x (1 + tanh(u / 2))``; its backward recomputes ``sigmoid(u)`` from ``x``:
-    autodiff's kept the forward's intermediates, each the size of the MLP's hidden activations,
-    until the backward (about 38 MB a block in an XL/2 train step at 256px, batch 2)."""
+    autodiff's kept some of the forward's intermediates, each the size of the MLP's hidden
+    activations, until the backward (10-16 MB a block in an XL/2 train step at 256px, batch 2)."""
 
     def construct(self, x):
         return x * ops.sigmoid(x * (_GELU_A + _GELU_B * (x * x)))
@@ -895,7 +895,7 @@ class BlockStreamedForward:
     """Compiled forward of a PixArt model with the memory of one block: ``model(...)``'s result.
 
     A whole-model graph on MindSpore 2.10's CPU runtime keeps some kernels' buffers for its
-    life (XL/2 at 512px: 8.4 GiB for the model, see ``broadcast_as``). Here the embeddings, one
+    life (XL/2 at 512px: 5.5 GiB for the model, see ``broadcast_as``). Here the embeddings, one
     block and the head are separate graphs, and the block graph takes a block's weights as
     inputs and copies them into a template block before running it, so all blocks share one
     compiled graph and one set of buffers. Each block costs one graph launch and a copy of its

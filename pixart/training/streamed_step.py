@@ -1,8 +1,8 @@
 """The train step with the memory of one block: ``train.py --mode streamed``.
 
 A whole-model train graph on MindSpore 2.10's CPU runtime keeps some kernels' buffers for the
-life of the graph: the 28-block XL/2 step at 256px, batch 2, takes 14.9 GiB with AdamW (PyTorch
-12.1), more at larger sizes. Here the step is a few small graphs run from Python, block by
+life of the graph: the 28-block XL/2 step at 256px, batch 2, takes 11.7 GiB with AdamW (PyTorch
+10.8), more at larger sizes. Here the step is a few small graphs run from Python, block by
 block, as ``BlockStreamedForward`` does for inference:
 
 1. forward: the embeddings, then each block through one compiled template block (its
