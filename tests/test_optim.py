@@ -123,7 +123,8 @@ def test_the_host_step_equals_the_in_place_step(optimizer_cls, weight_decay, pie
     parameters at a time, in NumPy on the Parameters' memory) compute the in-place step's
     weights, moments and averages: AdamW bit for bit, CAME (whose row and column sums NumPy adds
     in another order) to float32 rounding. Three steps, so the moments feed back. ``piece``:
-    AdamW's passes run over pieces of that many elements, so that a weight ends in a shorter one."""
+    AdamW's and the EMA's passes run over pieces of that many elements, so that a weight ends in a
+    shorter one."""
     if piece is not None:
         monkeypatch.setattr(optim, "PIECE", piece)
     init, grads = _problem(seed=3, steps=3)
