@@ -21,9 +21,14 @@ def cpu_description() -> str:
 
 
 def gemm_peaks(size: int = 2048, repeats: int = 5) -> str:
-    """Best fp32 GFLOP/s of a size^3 matmul in MindSpore (compiled) and in PyTorch, e.g.
-    'GEMM peak: MindSpore 179, PyTorch 136 GFLOP/s': a ratio between the two frameworks follows
-    their GEMMs on the machine at hand."""
+    """e.g. 'GEMM peak (2048^3 fp32): MindSpore 179, PyTorch 136 GFLOP/s': a ratio between the two
+    frameworks follows their GEMMs on the machine at hand."""
+    ours, theirs = gemm_peak_rates(size, repeats)
+    return f"GEMM peak ({size}^3 fp32): MindSpore {ours:.0f}, PyTorch {theirs:.0f} GFLOP/s"
+
+
+def gemm_peak_rates(size: int = 2048, repeats: int = 5) -> tuple:
+    """(MindSpore, PyTorch): the best fp32 GFLOP/s of a size^3 matmul, MindSpore's compiled."""
     import time
 
     import numpy as np
@@ -48,4 +53,4 @@ def gemm_peaks(size: int = 2048, repeats: int = 5) -> str:
     ours = best(lambda: ms_matmul(x, x).asnumpy())
     t = torch.from_numpy(a)
     theirs = best(lambda: torch.matmul(t, t))
-    return f"GEMM peak ({size}^3 fp32): MindSpore {ours:.0f}, PyTorch {theirs:.0f} GFLOP/s"
+    return ours, theirs

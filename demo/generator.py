@@ -75,7 +75,8 @@ class DemoGenerator:
     The T5 encoder stays loaded (unlike sample.py, which releases it before loading the transformer)
     because every request encodes its prompt. The pipeline's compiled denoiser is reused: sampler,
     steps, guidance, seed and prompt are inputs to one compiled graph; only a new latent shape (size
-    or number of images) compiles another.
+    or number of images) or a prompt in another 64-token length step (``TextEmbeddings.trimmed``)
+    compiles another.
     """
 
     def __init__(self, tokenizer, text_encoder, max_length: int, pipeline: PixArtPipeline, output_path: str,

@@ -317,6 +317,50 @@ def test_denoiser_compiles_once_per_shape(components):
     assert len(api.ms_compile_cache) == compiled + 1
 
 
+def test_trimmed_captions_leave_the_guided_output_unchanged():
+    """The padding that every caption of a batch has is cut to a 64-token step before the
+    transformer sees it: the guided output equals the full 300-token one, and caption lengths
+    in one step share a compiled graph. A padded token's softmax weight is exactly 0; a row
+    that keeps no token attends evenly to its padding, so then nothing is cut."""
+    from mindspore import Tensor
+    from mindspore.graph import api
+
+    from pixart.models.pixart import Conditioning, PixArtConfig, build_model
+    from pixart.pipelines.text_to_image import GuidedDenoiser, TextEmbeddings
+
+    rng = np.random.default_rng(0)
+    model = build_model(PixArtConfig(input_size=8, depth=2, hidden_size=64, num_heads=4, caption_channels=32))
+    for p in model.get_parameters():  # every path non-trivial (zero-initialised projections included)
+        p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.05))
+    model.set_train(False)
+    embeddings = rng.standard_normal((2, 300, 32)).astype(np.float32)
+
+    def text(*kept):
+        """Two rows keeping kept[i] leading tokens (an int) or exactly these token positions (a tuple)."""
+        mask = np.zeros((2, 300), np.int64)
+        for row, k in enumerate(kept):
+            mask[row, list(k) if isinstance(k, tuple) else slice(0, k)] = 1
+        return TextEmbeddings(embeddings, mask)
+
+    lengths = {kept: text(*kept).trimmed().mask.shape[1]
+               for kept in [(1, 40), (64, 3), (65, 1), (1, 290), (1, (100,)), (5, ())]}
+    assert lengths == {(1, 40): 64, (64, 3): 64, (65, 1): 128, (1, 290): 300, (1, (100,)): 128, (5, ()): 300}
+    trimmed = text(1, (3, 100)).trimmed()
+    np.testing.assert_array_equal(trimmed.embeddings, embeddings[:, :128])
+    np.testing.assert_array_equal(trimmed.mask, text(1, (3, 100)).mask[:, :128])
+
+    denoiser = GuidedDenoiser(model, "graph")
+    latents = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    compiled = len(api.ms_compile_cache)
+    for kept in [(1, 40), (3, 63), (2, (7, 120))]:
+        full = text(*kept)
+        whole = denoiser(latents, 500, Conditioning.of(full.embeddings, full.mask), 4.5)
+        cut = denoiser(latents, 500, full.conditioning(64, 64), 4.5)
+        np.testing.assert_allclose(cut, whole, rtol=0, atol=1e-6)
+        assert np.abs(whole).max() > 0.1
+    assert len(api.ms_compile_cache) == compiled + 3  # 300 tokens, then 64 twice, then 128
+
+
 @pytest.mark.parametrize("guidance", [0.0, 3.0])
 def test_lcm_one_step_matches_pixart_sigma_pipeline(components, tmp_path, guidance):
     """One LCM step from given latents (no step noise), without and with classifier-free guidance."""

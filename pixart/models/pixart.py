@@ -617,8 +617,10 @@ class CaptionEmbedder(nn.Cell):
                                      requires_grad=False)
 
     def construct(self, y, drop):
-        """drop: (B,) bool, True where the caption is replaced by the null caption."""
-        y = ops.where(drop[:, None, None], self.y_embedding.astype(y.dtype)[None], y)
+        """drop: (B,) bool, True where the caption is replaced by the null caption. A caption
+        shorter than ``token_num`` (padding trimmed, see ``TextEmbeddings.trimmed``) is replaced
+        by as many leading null-caption tokens."""
+        y = ops.where(drop[:, None, None], self.y_embedding[:y.shape[1]].astype(y.dtype)[None], y)
         return self.y_proj(y)
 
 
