@@ -319,9 +319,8 @@ def test_denoiser_compiles_once_per_shape(components):
 
 def test_trimmed_captions_leave_the_guided_output_unchanged():
     """The padding that every caption of a batch has is cut to a 64-token step before the
-    transformer sees it: the guided output equals the full 300-token one, and caption lengths
-    in one step share a compiled graph. A padded token's softmax weight is exactly 0; a row
-    that keeps no token attends evenly to its padding, so then nothing is cut."""
+    transformer sees it (``unpadded_length``, tested with the tokenizer): the guided output
+    equals the full 300-token one, and caption lengths in one step share a compiled graph."""
     from mindspore import Tensor
     from mindspore.graph import api
 
@@ -342,9 +341,6 @@ def test_trimmed_captions_leave_the_guided_output_unchanged():
             mask[row, list(k) if isinstance(k, tuple) else slice(0, k)] = 1
         return TextEmbeddings(embeddings, mask)
 
-    lengths = {kept: text(*kept).trimmed().mask.shape[1]
-               for kept in [(1, 40), (64, 3), (65, 1), (1, 290), (1, (100,)), (5, ())]}
-    assert lengths == {(1, 40): 64, (64, 3): 64, (65, 1): 128, (1, 290): 300, (1, (100,)): 128, (5, ()): 300}
     trimmed = text(1, (3, 100)).trimmed()
     np.testing.assert_array_equal(trimmed.embeddings, embeddings[:, :128])
     np.testing.assert_array_equal(trimmed.mask, text(1, (3, 100)).mask[:, :128])

@@ -92,15 +92,45 @@ def t5_folder(tmp_path_factory):
     return str(folder), reference
 
 
-def test_encode_prompts_matches_transformers(tokenizer, reference_tokenizer, t5_folder):
+@pytest.mark.parametrize("max_length,encode_padding", [(24, False), (120, False), (120, True)])
+def test_encode_prompts_matches_transformers(tokenizer, reference_tokenizer, t5_folder, max_length, encode_padding):
+    """Every kept token's embedding is transformers'. By default a chunk of prompts is encoded
+    over its unpadded length only (at 120 tokens: the first 64) and the padded positions are
+    zero; ``encode_padding`` gives transformers' padded embeddings too."""
     folder, reference = t5_folder
     prompts = PROMPTS[:5]
-    emb, mask = te.encode_prompts(prompts, tokenizer, T5Encoder.from_pretrained(folder), 24, batch_size=2)
-    enc = reference_tokenizer(prompts, padding="max_length", max_length=24, truncation=True,
+    emb, mask = te.encode_prompts(prompts, tokenizer, T5Encoder.from_pretrained(folder), max_length, batch_size=2,
+                                  encode_padding=encode_padding)
+    enc = reference_tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                               add_special_tokens=True, return_tensors="np")
-    assert emb.shape == (5, 24, 32) and emb.dtype == np.float32
+    assert emb.shape == (5, max_length, 32) and emb.dtype == np.float32
     np.testing.assert_array_equal(mask, enc["attention_mask"])
-    assert_close(emb, t5_reference(reference, enc["input_ids"], enc["attention_mask"]))
+    expected = t5_reference(reference, enc["input_ids"], enc["attention_mask"])
+    if encode_padding or max_length <= te.PADDING_STEP:
+        assert_close(emb, expected)
+    else:
+        kept = mask.astype(bool)
+        assert_close(emb[kept], expected[kept])
+        np.testing.assert_array_equal(emb[:, te.PADDING_STEP:], 0.0)
+        assert np.abs(expected[:, te.PADDING_STEP:]).max() > 0  # what was left out was not zero already
+
+
+def test_unpadded_length():
+    """One past the last kept token of any row, up to a multiple of the step, at most the length;
+    the whole length when a row keeps no token (it attends evenly to its padding)."""
+    def mask(*rows):
+        m = np.zeros((len(rows), 300), np.int64)
+        for i, kept in enumerate(rows):
+            m[i, list(kept) if isinstance(kept, tuple) else slice(0, kept)] = 1
+        return m
+
+    assert te.unpadded_length(mask(1, 40)) == 64
+    assert te.unpadded_length(mask(64, 3)) == 64
+    assert te.unpadded_length(mask(65, 1)) == 128
+    assert te.unpadded_length(mask(1, 290)) == 300
+    assert te.unpadded_length(mask(1, (100,))) == 128  # a kept token after a gap counts
+    assert te.unpadded_length(mask(5, ())) == 300
+    assert te.unpadded_length(mask(1, 40)[:, :50]) == 50
 
 
 def test_staged_encoding_returns_the_same_and_frees_the_encoder(tokenizer, t5_folder, monkeypatch):

@@ -29,13 +29,13 @@ from pixart.diffusion.samplers import make_sampler
 from pixart.errors import InputError
 from pixart.runtime import jit
 from pixart.models.dit import ClassConditioning, DiTConfig
+from pixart.models.text_encoder import unpadded_length
 from pixart.models.pixart import BlockStreamedForward, Conditioning
 from pixart.utils.seeds import image_seeds
 
 EXECUTION_MODES = ("graph", "streamed", "pynative")
 BINNING_TABLES = {32: 256, 64: 512, 128: 1024, 256: 2048}  # trained latent size -> bucket table
 DECODE_LATENT_AREA = 128 * 128  # the latents of one 1024² image: the most one VAE decode call takes
-CAPTION_TOKEN_STEP = 64  # trimmed captions keep a multiple of this many tokens: few lengths, few compiled graphs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,24 +82,18 @@ class TextEmbeddings:
         """The rows of every part, in order (guidance: the unconditional rows, then the conditional)."""
         return TextEmbeddings(np.concatenate([p.embeddings for p in parts]), np.concatenate([p.mask for p in parts]))
 
-    def trimmed(self, step: int = CAPTION_TOKEN_STEP) -> "TextEmbeddings":
-        """The same texts without the trailing padding that every row has, cut to a multiple of
-        ``step`` tokens (or left at the full length).
+    def trimmed(self) -> "TextEmbeddings":
+        """The same texts without the trailing padding that every row has: their first
+        ``unpadded_length(mask)`` tokens (a multiple of 64, or all).
 
         A padded caption token gets a bias of -10000 in the cross-attention, so its softmax
         weight, exp(-10000 + ...), is exactly 0 in fp32: without it the transformer's output is
         the same (bit for bit in our runs), and the cross-attention's work on it is saved
         (XL/2 at 512px, 40 of 300 tokens kept: 5-9% of a denoising step; 13% at 256px). The
         official PixArt forward also drops the padding (it keeps each caption's own tokens);
-        diffusers' keeps all 300. Nothing is cut when a row keeps no token: such a row attends
-        evenly to all of its padding."""
-        kept = np.asarray(self.mask) != 0
-        length = kept.shape[1]
-        if not kept.any(axis=1).all():
-            return self
-        used = int(np.max(length - np.argmax(kept[:, ::-1], axis=1)))  # one past the last kept token
-        keep = min(length, -(-used // step) * step)
-        return self if keep == length else TextEmbeddings(self.embeddings[:, :keep], self.mask[:, :keep])
+        diffusers' keeps all 300."""
+        keep = unpadded_length(self.mask)
+        return self if keep == self.mask.shape[1] else TextEmbeddings(self.embeddings[:, :keep], self.mask[:, :keep])
 
     def conditioning(self, height: int, width: int, control: Optional[np.ndarray] = None) -> Conditioning:
         """The transformer's conditioning for one row per text, sampling at height x width pixels,

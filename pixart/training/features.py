@@ -74,7 +74,8 @@ class FeatureEncoder:
         """B captions -> (embeddings (B, L, D) float32, mask (B, L) int32)."""
         from pixart.models.text_encoder import encode_prompts
 
-        emb, mask = encode_prompts(captions, self.tokenizer, self._hidden_states, self.max_length)
+        # all of the padding: one compiled shape, and T5("")'s padded positions are the null caption
+        emb, mask = encode_prompts(captions, self.tokenizer, self._hidden_states, self.max_length, encode_padding=True)
         return emb, mask.astype(np.int32)
 
     def null_caption(self) -> np.ndarray:
