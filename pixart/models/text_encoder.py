@@ -107,8 +107,8 @@ def encode_prompts(prompts: Prompts, tokenizer, text_encoder, max_length: int,
     states``. Runs it ``batch_size`` prompts at a time, which bounds activation memory, on the
     chunk's ``unpadded_length`` tokens: the kept tokens' embeddings are the same as over all
     ``max_length`` (T5 leaves the padding out of its attention and works per token elsewhere),
-    and the padded positions' embeddings are zero, which every attention masks out. A 20-token
-    prompt at PixArt-Σ's 300 tokens so costs about a fifth of the encoder's time.
+    and the padded positions' embeddings are zero, which every attention masks out. A short
+    prompt at PixArt-Σ's 300 tokens so takes less than half of the encoder's time.
     ``encode_padding``: encode all ``max_length`` tokens (diffusers' padded embeddings exactly;
     one shape for a compiled encoder).
     """

@@ -23,6 +23,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from pixart.diffusion.objectives import DiffusionObjective
 from pixart.errors import ConfigError
 from pixart.models.pixart import use_symbolic_grid
+from pixart.models.text_encoder import unpadded_length
 from pixart.runtime import host_threads, jit
 from pixart.training.optim import EMA, Scratch, clip_coefficient, clip_grad_norm, divide, grad_norms
 
@@ -121,6 +122,7 @@ class TrainStep:
         if loss_scale is not None:
             self.loss_scaler = ms.amp.DynamicLossScaler(scale_value=loss_scale, scale_factor=2, scale_window=2000)
         self.hyper_map = ops.HyperMap()
+        self.dynamic_shapes = dynamic_shapes
         self._compile(compiled, dynamic_shapes)
         model.set_train(True)
 
@@ -251,6 +253,16 @@ class TrainStep:
 
     # ---------------------------------------------------------------- host side
     def _tensors(self, inputs: Dict[str, np.ndarray]):
+        """The batch as the graphs take it, in ``input_order``. Captions lose the padding that
+        every row has (``unpadded_length``): a padded token's attention weight is exactly 0, so
+        the loss and gradients are the same and the cross-attention's work on it is saved (XL/2
+        width, 256px, 40 of 300 tokens kept: about 15% of a step). Each caption length step
+        compiles its own graphs, except with dynamic shapes, whose graphs keep the first call's
+        caption length."""
+        mask = inputs.get("caption_mask")
+        if mask is not None and not self.dynamic_shapes:
+            keep = unpadded_length(mask)
+            inputs = {**inputs, "caption": inputs["caption"][:, :keep], "caption_mask": mask[:, :keep]}
         return [None if inputs.get(k) is None else Tensor(inputs[k]) for k in self.input_order]
 
     def accumulate(self, inputs: Dict[str, np.ndarray]) -> Dict[str, float]:
