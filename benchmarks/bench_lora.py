@@ -2,7 +2,9 @@
 """LoRA train step: ours (compiled) against diffusers + peft + torch AdamW, and against our own
 full finetune step, with peak memory.
 
-XL/2 width (hidden 1152, 16 heads), 256px, batch 2, fp32, ``--depth`` of the 28 blocks. LoRA: rank 16, alpha 16, the
+XL/2 width (hidden 1152, 16 heads), 256px, batch 2, fp32, ``--depth`` of the 28 blocks, the
+captions of ``bench_train`` (40 of 300 tokens kept; our step leaves out their shared padding,
+with the same loss and gradients). LoRA: rank 16, alpha 16, the
 official PixArt target list (every linear and the patch-embedding conv). One optimizer step =
 forward, the loss, backward, gradient clipping, AdamW over the trained parameters. Each run in
 its own process, same machine, one after another; median of the steps after the first two.

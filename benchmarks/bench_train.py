@@ -2,10 +2,12 @@
 """Training speed: our compiled train step vs PyTorch, and train.py with vs without the feature cache.
 
 Part 1 — one optimizer step (forward + loss + backward + optimizer) of XL/2 at 256px, batch 2,
-fp32: diffusers' PixArtTransformer2DModel + torch.optim.AdamW against our step with AdamW (and
-CAME, what PixArt-Σ uses), compiled (graph), block by block (streamed, train.py --mode streamed)
-and eager (pynative). Each runs in its own process (both at once would not fit in memory), same
-machine, one run; medians after warm-up; peak resident memory of each. A run that dies (out of
+fp32, captions of 300 tokens keeping 40 (our step leaves out the padding they share, as in
+train.py: the same loss and gradients): diffusers' PixArtTransformer2DModel +
+torch.optim.AdamW against our step with AdamW (and CAME, what PixArt-Σ uses), compiled (graph),
+block by block (streamed, train.py --mode streamed) and eager (pynative). Each runs in its own
+process (both at once would not fit in memory), same machine, one run; medians after warm-up;
+peak resident memory of each. A run that dies (out of
 memory) is reported as such. The full 28 blocks fit in 24 GB in graph mode too (11.7 GiB with
 AdamW against PyTorch's 10.8, see the README); ``--depth 4`` gives quicker comparisons.
 
