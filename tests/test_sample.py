@@ -326,6 +326,7 @@ def test_trimmed_captions_leave_the_guided_output_unchanged():
 
     from pixart.models.pixart import Conditioning, PixArtConfig, build_model
     from pixart.pipelines.text_to_image import GuidedDenoiser, TextEmbeddings
+    from tests.test_tokenizer import kept_mask
 
     rng = np.random.default_rng(0)
     model = build_model(PixArtConfig(input_size=8, depth=2, hidden_size=64, num_heads=4, caption_channels=32))
@@ -335,11 +336,7 @@ def test_trimmed_captions_leave_the_guided_output_unchanged():
     embeddings = rng.standard_normal((2, 300, 32)).astype(np.float32)
 
     def text(*kept):
-        """Two rows keeping kept[i] leading tokens (an int) or exactly these token positions (a tuple)."""
-        mask = np.zeros((2, 300), np.int64)
-        for row, k in enumerate(kept):
-            mask[row, list(k) if isinstance(k, tuple) else slice(0, k)] = 1
-        return TextEmbeddings(embeddings, mask)
+        return TextEmbeddings(embeddings, kept_mask(*kept))
 
     trimmed = text(1, (3, 100)).trimmed()
     np.testing.assert_array_equal(trimmed.embeddings, embeddings[:, :128])

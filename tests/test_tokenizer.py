@@ -115,22 +115,25 @@ def test_encode_prompts_matches_transformers(tokenizer, reference_tokenizer, t5_
         assert np.abs(expected[:, te.PADDING_STEP:]).max() > 0  # what was left out was not zero already
 
 
+def kept_mask(*rows, tokens=300):
+    """(len(rows), tokens) attention mask: row i keeps rows[i] leading tokens (an int) or exactly
+    the token positions in rows[i] (a tuple)."""
+    mask = np.zeros((len(rows), tokens), np.int64)
+    for i, kept in enumerate(rows):
+        mask[i, list(kept) if isinstance(kept, tuple) else slice(0, kept)] = 1
+    return mask
+
+
 def test_unpadded_length():
     """One past the last kept token of any row, up to a multiple of the step, at most the length;
     the whole length when a row keeps no token (it attends evenly to its padding)."""
-    def mask(*rows):
-        m = np.zeros((len(rows), 300), np.int64)
-        for i, kept in enumerate(rows):
-            m[i, list(kept) if isinstance(kept, tuple) else slice(0, kept)] = 1
-        return m
-
-    assert te.unpadded_length(mask(1, 40)) == 64
-    assert te.unpadded_length(mask(64, 3)) == 64
-    assert te.unpadded_length(mask(65, 1)) == 128
-    assert te.unpadded_length(mask(1, 290)) == 300
-    assert te.unpadded_length(mask(1, (100,))) == 128  # a kept token after a gap counts
-    assert te.unpadded_length(mask(5, ())) == 300
-    assert te.unpadded_length(mask(1, 40)[:, :50]) == 50
+    assert te.unpadded_length(kept_mask(1, 40)) == 64
+    assert te.unpadded_length(kept_mask(64, 3)) == 64
+    assert te.unpadded_length(kept_mask(65, 1)) == 128
+    assert te.unpadded_length(kept_mask(1, 290)) == 300
+    assert te.unpadded_length(kept_mask(1, (100,))) == 128  # a kept token after a gap counts
+    assert te.unpadded_length(kept_mask(5, ())) == 300
+    assert te.unpadded_length(kept_mask(1, 40)[:, :50]) == 50
 
 
 def test_staged_encoding_returns_the_same_and_frees_the_encoder(tokenizer, t5_folder, monkeypatch):

@@ -84,14 +84,10 @@ class TextEmbeddings:
 
     def trimmed(self) -> "TextEmbeddings":
         """The same texts without the trailing padding that every row has: their first
-        ``unpadded_length(mask)`` tokens (a multiple of 64, or all).
-
-        A padded caption token gets a bias of -10000 in the cross-attention, so its softmax
-        weight, exp(-10000 + ...), is exactly 0 in fp32: without it the transformer's output is
-        the same (bit for bit in our runs), and the cross-attention's work on it is saved
-        (XL/2 at 512px, 40 of 300 tokens kept: 5-9% of a denoising step; 13% at 256px). The
-        official PixArt forward also drops the padding (it keeps each caption's own tokens);
-        diffusers' keeps all 300."""
+        ``unpadded_length(mask)`` tokens (a multiple of 64, or all). The transformer's output is
+        the same (bit for bit in our runs), and the cross-attention's work on the padding is
+        saved (XL/2 at 512px, 40 of 300 tokens kept: 5-9% of a denoising step; 13% at 256px).
+        The official PixArt forward also drops the padding; diffusers' keeps all 300 tokens."""
         keep = unpadded_length(self.mask)
         return self if keep == self.mask.shape[1] else TextEmbeddings(self.embeddings[:, :keep], self.mask[:, :keep])
 
